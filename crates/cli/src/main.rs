@@ -1,0 +1,183 @@
+//! The `pnp` binary: parses arguments and starts the data plane (and, with no upstream given,
+//! the built-in demo upstreams). Everything else lives in the library crates, so tests can start
+//! the same thing in-process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use pnp_config::{Config, UpstreamTarget};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pnp",
+    version,
+    about = "Protocol negotiation proxy: gRPC-Web and gRPC in, gRPC out."
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy. With no arguments: 127.0.0.1:8080 in front of the built-in demo upstreams,
+    /// admin on 127.0.0.1:9901.
+    Serve(ServeArgs),
+    /// Run only the built-in demo upstreams (gRPC interop TestService and demo.llm.v1.Generator)
+    /// as a plain gRPC server over h2c.
+    Demo {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// TOML configuration file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data-plane listen address.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Upstream gRPC server: http://host:port (h2c), https://host:port (TLS) or `demo`.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Admin listen address (/healthz, /readyz).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Grace period for in-flight streams on SIGTERM/SIGINT, e.g. 30s.
+    #[arg(long, value_parser = humantime_duration)]
+    grace_period: Option<Duration>,
+}
+
+fn humantime_duration(text: &str) -> Result<Duration, String> {
+    pnp_config::Config::from_toml(&format!("[shutdown]\ngrace_period = {text:?}"))
+        .map(|c| c.shutdown.grace_period)
+        .map_err(|e| e.to_string())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Demo { listen } => demo(listen).await,
+        }
+    })
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Config::from_toml(&text).with_context(|| format!("in {}", path.display()))?
+        }
+        None => Config::demo(),
+    };
+    if let Some(listen) = args.listen {
+        config.listener.addr = listen;
+    }
+    if let Some(admin) = args.admin {
+        config.admin = Some(admin);
+    }
+    if let Some(upstream) = &args.upstream {
+        config.upstream.target = Config::parse_upstream(upstream)?;
+    }
+    if let Some(grace) = args.grace_period {
+        config.shutdown.grace_period = grace;
+    }
+
+    // The demo upstreams run in this process on a loopback port the OS picks.
+    let demo = match config.upstream.target {
+        UpstreamTarget::Demo => {
+            let demo = pnp_demo::DemoUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .context("starting the demo upstreams")?;
+            let url = url::Url::parse(&format!("http://{}", demo.local_addr()))?;
+            tracing::info!(upstream = %url, "serving the built-in demo upstreams");
+            config.upstream.target = UpstreamTarget::Url(url);
+            Some(demo)
+        }
+        UpstreamTarget::Url(_) => None,
+    };
+
+    let proxy = pnp_proxy::Proxy::start(config).await?;
+    eprintln!(
+        "pnp listening on http://{} (admin {})",
+        proxy.local_addr(),
+        proxy
+            .admin_addr()
+            .map_or_else(|| "off".to_owned(), |a| format!("http://{a}"))
+    );
+    shutdown_signal().await;
+    tracing::info!("signal received: stopping");
+    proxy.shutdown().await;
+    if let Some(demo) = demo {
+        demo.shutdown().await;
+    }
+    Ok(())
+}
+
+async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
+    let demo = pnp_demo::DemoUpstream::start(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    // Tests read this line to learn the port.
+    println!("listening on {}", demo.local_addr());
+    shutdown_signal().await;
+    demo.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

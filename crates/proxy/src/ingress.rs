@@ -1,0 +1,337 @@
+//! The ingress adapter: gRPC-Web (binary and text, over HTTP/1.1 or HTTP/2) and native gRPC
+//! (HTTP/2) in, the call model out.
+//!
+//! PROTOCOL-WEB.md: the request is a gRPC request with a different content type; the response
+//! carries the trailers as a final 0x80 frame in the body. `application/grpc-web-text` bodies are
+//! base64 in both directions. Browsers that avoid CORS preflight put headers in the
+//! `$httpHeaders` query parameter instead.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use pnp_call::{Call, CallHead, Code, Reply, Status};
+use pnp_transport::{strip_request_headers, TransportError};
+use pnp_wire::content_type::{self, Protocol};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower::util::BoxCloneSyncService;
+use tower::ServiceExt;
+
+use crate::abort::CallAbort;
+use crate::reply::{base_headers, Clocks, Encoding, ReplyBody};
+use crate::request::RequestMessages;
+use crate::responder;
+
+/// The egress side as the ingress sees it: any transport.
+pub type Transport = BoxCloneSyncService<Call, Reply, TransportError>;
+
+/// The ingress service: one per listener, cloned per connection.
+#[derive(Clone)]
+pub struct Ingress {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    transport: Transport,
+    transport_name: &'static str,
+    max_message_size: usize,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Ingress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingress")
+            .field("transport", &self.inner.transport_name)
+            .finish()
+    }
+}
+
+impl Ingress {
+    /// An ingress that sends every call to `transport`. `shutdown` fires when the grace period
+    /// is over and in-flight streams must end.
+    pub fn new(
+        transport: Transport,
+        transport_name: &'static str,
+        max_message_size: usize,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                transport,
+                transport_name,
+                max_message_size,
+                shutdown,
+            }),
+        }
+    }
+}
+
+impl tower::Service<Request<Incoming>> for Ingress {
+    type Response = Response<ReplyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ReplyBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move { Ok(inner.handle(request).await) })
+    }
+}
+
+/// What the ingress learned from the request line and headers.
+struct Accepted {
+    protocol: Protocol,
+    encoding: Encoding,
+    subtype: Option<String>,
+    timeout: Option<Duration>,
+}
+
+impl Inner {
+    async fn handle(&self, request: Request<Incoming>) -> Response<ReplyBody> {
+        let received = Instant::now();
+        let (mut parts, body) = request.into_parts();
+        let accepted = match accept(&mut parts) {
+            Ok(accepted) => accepted,
+            Err(refusal) => return *refusal,
+        };
+        let encoding = accepted.encoding;
+        let subtype = accepted.subtype.clone();
+        let deadline = accepted.timeout.map(|t| received + t);
+
+        let mut metadata = parts.headers;
+        strip_request_headers(&mut metadata);
+        let path = match parts.uri.path().parse() {
+            Ok(path) => path,
+            Err(_) => {
+                return responder::trailers_only(
+                    encoding,
+                    subtype.as_deref(),
+                    &Status::new(Code::Internal, "pnp: invalid request path"),
+                    None,
+                )
+            }
+        };
+        let abort = CallAbort::default();
+        let messages = RequestMessages::new(
+            body,
+            accepted.protocol == Protocol::GrpcWebText,
+            self.max_message_size,
+            abort.clone(),
+        );
+        let call = Call {
+            head: CallHead {
+                path,
+                subtype: accepted.subtype,
+                metadata,
+                // Forward what is left of the deadline, not what the client asked for.
+                timeout: deadline.map(|at| at.saturating_duration_since(Instant::now())),
+            },
+            messages: Box::pin(messages),
+        };
+
+        let reply = self.transport.clone().oneshot(call);
+        let sleep = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let fail = |status: Status| {
+            responder::trailers_only(
+                encoding,
+                subtype.as_deref(),
+                &status,
+                Some(self.transport_name),
+            )
+        };
+        let reply = tokio::select! {
+            reply = reply => reply,
+            () = abort.token().cancelled() => {
+                let status = abort.status().unwrap_or_else(|| Status::new(Code::Cancelled, "pnp: call aborted"));
+                return fail(status);
+            }
+            () = sleep => return fail(Status::new(
+                Code::DeadlineExceeded,
+                "pnp: deadline exceeded (grpc-timeout) before the upstream answered",
+            )),
+            () = self.shutdown.cancelled() => return fail(Status::new(
+                Code::Unavailable,
+                "pnp is shutting down; retry on another instance",
+            )),
+        };
+        match reply {
+            Err(err) => {
+                tracing::debug!(error = %err, blame = ?err.blame, "call failed before a reply");
+                fail(*err.status)
+            }
+            Ok(Reply::TrailersOnly(status)) => fail(status),
+            Ok(Reply::Stream { head, items }) => {
+                let subtype = head.subtype.as_deref().or(subtype.as_deref());
+                let mut response = Response::new(ReplyBody::streaming(
+                    encoding,
+                    items,
+                    Clocks {
+                        deadline,
+                        abort,
+                        shutdown: self.shutdown.clone(),
+                    },
+                ));
+                let headers = response.headers_mut();
+                *headers = head.metadata;
+                headers.extend(base_headers(encoding, subtype));
+                headers.insert(
+                    "x-pnp-transport",
+                    HeaderValue::from_static(self.transport_name),
+                );
+                response
+            }
+        }
+    }
+}
+
+/// Decide whether and how to serve a request, or refuse it.
+/// Refusals are boxed: a response is large and refusals are the rare path.
+fn accept(parts: &mut http::request::Parts) -> Result<Accepted, Box<Response<ReplyBody>>> {
+    if let Some(query) = parts.uri.query() {
+        if let Err(reason) = apply_http_headers_param(query, &mut parts.headers) {
+            return Err(Box::new(responder::refuse(
+                StatusCode::BAD_REQUEST,
+                &Status::new(
+                    Code::Internal,
+                    format!("pnp: bad $httpHeaders parameter: {reason}"),
+                ),
+            )));
+        }
+    }
+    if parts.method != Method::POST {
+        return Err(Box::new(responder::refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &Status::new(
+                Code::Unimplemented,
+                format!(
+                    "pnp: method {} not allowed; gRPC calls are POST",
+                    parts.method
+                ),
+            ),
+        )));
+    }
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let Some((protocol, subtype)) = content_type::parse(content_type) else {
+        return Err(unsupported(format!(
+            "pnp: unsupported content-type `{}`; expected application/grpc-web, application/grpc-web-text or application/grpc",
+            content_type.chars().take(80).collect::<String>()
+        )));
+    };
+    let subtype = subtype.map(str::to_owned);
+    let accept_header = parts
+        .headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let encoding = match protocol {
+        Protocol::Grpc if parts.version != Version::HTTP_2 => {
+            return Err(unsupported(
+                "pnp: native gRPC needs HTTP/2 (it ends with HTTP trailers); over HTTP/1.1 use application/grpc-web".to_owned(),
+            ))
+        }
+        Protocol::Grpc => Encoding::Grpc,
+        // Answer in text when the client asks for it, in whatever form the Accept list takes;
+        // a text request is answered in text unless binary is asked for explicitly.
+        _ if content_type::accepts_text(accept_header) => Encoding::WebText,
+        Protocol::GrpcWebText if !content_type::accepts_binary_web(accept_header) => {
+            Encoding::WebText
+        }
+        _ => Encoding::WebBinary,
+    };
+    let timeout = match parts.headers.get("grpc-timeout") {
+        None => None,
+        Some(value) => match pnp_wire::timeout::parse(value.as_bytes()) {
+            Ok(timeout) => Some(timeout),
+            Err(e) => {
+                return Err(Box::new(responder::trailers_only(
+                    encoding,
+                    subtype.as_deref(),
+                    &Status::new(
+                        Code::Internal,
+                        format!("pnp: malformed grpc-timeout {value:?}: {e}"),
+                    ),
+                    None,
+                )))
+            }
+        },
+    };
+    Ok(Accepted {
+        protocol,
+        encoding,
+        subtype,
+        timeout,
+    })
+}
+
+fn unsupported(message: String) -> Box<Response<ReplyBody>> {
+    Box::new(responder::refuse(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        &Status::new(Code::Unknown, message),
+    ))
+}
+
+/// grpc-web's `$httpHeaders` query parameter: a percent-encoded header block
+/// (`name:value\r\n…`) that stands in for request headers so simple CORS requests need no
+/// preflight. Its entries override the request's own headers (the browser sends `text/plain`
+/// as the content type in that mode).
+fn apply_http_headers_param(query: &str, headers: &mut HeaderMap) -> Result<(), String> {
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
+        if key != "$httpHeaders" {
+            continue;
+        }
+        let block: Vec<u8> = percent_encoding::percent_decode_str(value).collect();
+        let parsed = pnp_wire::trailers::decode_block(&block).map_err(|e| e.to_string())?;
+        for (name, value) in &parsed {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_headers_param_overrides_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let block = "content-type:application/grpc-web-text\r\nx-grpc-web:1\r\nx-user: a b\r\n";
+        let encoded: String =
+            percent_encoding::utf8_percent_encode(block, percent_encoding::NON_ALPHANUMERIC)
+                .to_string();
+        apply_http_headers_param(&format!("a=1&$httpHeaders={encoded}"), &mut headers)
+            .expect("valid parameter");
+        assert_eq!(headers[header::CONTENT_TYPE], "application/grpc-web-text");
+        assert_eq!(headers["x-user"], "a b");
+        assert_eq!(headers["x-grpc-web"], "1");
+    }
+
+    #[test]
+    fn other_query_parameters_are_ignored() {
+        let mut headers = HeaderMap::new();
+        apply_http_headers_param("x=%ZZ&y", &mut headers).expect("ignored");
+        assert!(headers.is_empty());
+    }
+}

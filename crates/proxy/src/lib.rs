@@ -1,0 +1,204 @@
+//! The pnp data plane.
+//!
+//! [`Proxy::start`] binds the data-plane listener (HTTP/1.1 and HTTP/2 on one port, TLS with
+//! ALPN when a certificate is configured) and the admin listener, and serves until
+//! [`Proxy::shutdown`]. Each request passes CORS, then the [`ingress`] adapter turns gRPC-Web
+//! (binary or text) or native gRPC into a [`pnp_call::Call`], the call goes to an egress
+//! transport, and the reply is driven back to the client by a [`reply::ReplyBody`] that enforces
+//! the deadline, shutdown and the rule that every call ends with exactly one status.
+//!
+//! It does not parse bytes itself (that is `pnp-wire`) and it does not speak to upstreams
+//! itself (that is `pnp-transport`).
+#![forbid(unsafe_code)]
+
+mod abort;
+mod admin;
+mod cors;
+pub mod ingress;
+mod listener;
+pub mod reply;
+mod request;
+mod responder;
+mod tls;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pnp_config::{Config, UpstreamTarget};
+use pnp_transport::http2::{Http2Options, Http2Transport};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use ingress::Ingress;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration names the demo upstream; the binary resolves it to a URL first.
+    #[error("the upstream must be a URL here (start the demo upstream and pass its URL)")]
+    UnresolvedUpstream,
+    /// A file could not be read or a socket could not be bound.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: io::Error,
+    },
+}
+
+/// State shared between the listeners and the admin endpoint.
+#[derive(Debug, Default)]
+pub(crate) struct Health {
+    draining: AtomicBool,
+}
+
+impl Health {
+    pub(crate) fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// A running data plane.
+#[derive(Debug)]
+pub struct Proxy {
+    local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    grace_period: Duration,
+    health: Arc<Health>,
+    stop_accepting: CancellationToken,
+    end_streams: CancellationToken,
+    listener: JoinHandle<listener::Drain>,
+    admin: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Bind the listeners and start serving.
+    pub async fn start(config: Config) -> Result<Proxy, StartError> {
+        let upstream = match &config.upstream.target {
+            UpstreamTarget::Url(url) => url.clone(),
+            UpstreamTarget::Demo => return Err(StartError::UnresolvedUpstream),
+        };
+        let io_err = |what: String| move |source| StartError::Io { what, source };
+        let extra_roots_pem = match &config.upstream.ca {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(io_err(format!("reading upstream CA {}", path.display())))?,
+            ),
+            None => None,
+        };
+        let transport = Http2Transport::new(Http2Options {
+            upstream,
+            extra_roots_pem,
+            connect_timeout: config.upstream.connect_timeout,
+            max_message_size: config.limits.max_message_size,
+        })
+        .map_err(io_err("configuring the upstream".into()))?;
+        let tls = match &config.listener.tls {
+            Some(files) => Some(tls::acceptor(files).map_err(io_err(format!(
+                "loading TLS certificate {}",
+                files.cert.display()
+            )))?),
+            None => None,
+        };
+
+        let end_streams = CancellationToken::new();
+        let stop_accepting = CancellationToken::new();
+        let health = Arc::new(Health::default());
+        let ingress = Ingress::new(
+            tower::util::BoxCloneSyncService::new(transport),
+            "h2",
+            config.limits.max_message_size,
+            end_streams.clone(),
+        );
+        let service = tower::ServiceBuilder::new()
+            .layer(cors::layer(&config.cors))
+            .service(ingress);
+
+        let tcp = tokio::net::TcpListener::bind(config.listener.addr)
+            .await
+            .map_err(io_err(format!("binding {}", config.listener.addr)))?;
+        let local_addr = tcp
+            .local_addr()
+            .map_err(io_err("reading the listen address".into()))?;
+        let listener = tokio::spawn(listener::serve(tcp, tls, service, stop_accepting.clone()));
+
+        let (admin_addr, admin) = match config.admin {
+            Some(addr) => {
+                let tcp = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(io_err(format!("binding admin {addr}")))?;
+                let addr = tcp
+                    .local_addr()
+                    .map_err(io_err("reading the admin address".into()))?;
+                (
+                    Some(addr),
+                    Some(tokio::spawn(admin::serve(tcp, health.clone()))),
+                )
+            }
+            None => (None, None),
+        };
+        tracing::info!(%local_addr, admin = ?admin_addr, tls = config.listener.tls.is_some(), "pnp data plane listening");
+        Ok(Proxy {
+            local_addr,
+            admin_addr,
+            grace_period: config.shutdown.grace_period,
+            health,
+            stop_accepting,
+            end_streams,
+            listener,
+            admin,
+        })
+    }
+
+    /// The data-plane address (useful when the configured port was 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The admin address, if the admin listener is enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Graceful shutdown with the configured grace period.
+    pub async fn shutdown(self) {
+        let grace = self.grace_period;
+        self.shutdown_with_grace(grace).await;
+    }
+
+    /// Stop accepting, mark not ready, let calls finish for `grace`, then end the remaining
+    /// streams with UNAVAILABLE and wait for their connections to close.
+    pub async fn shutdown_with_grace(self, grace: Duration) {
+        self.health.draining.store(true, Ordering::Release);
+        self.stop_accepting.cancel();
+        let drain = match self.listener.await {
+            Ok(drain) => drain,
+            Err(e) => {
+                tracing::error!(error = %e, "listener task failed");
+                return;
+            }
+        };
+        let connections = drain.connections();
+        tracing::info!(connections, ?grace, "draining");
+        let finished = drain.shutdown();
+        tokio::pin!(finished);
+        tokio::select! {
+            () = &mut finished => {}
+            () = tokio::time::sleep(grace) => {
+                tracing::warn!("grace period over: ending the remaining streams with UNAVAILABLE");
+                self.end_streams.cancel();
+                if tokio::time::timeout(Duration::from_secs(5), &mut finished).await.is_err() {
+                    tracing::warn!("connections still open 5 s after their streams were ended");
+                }
+            }
+        }
+        if let Some(admin) = self.admin {
+            admin.abort();
+        }
+        tracing::info!("stopped");
+    }
+}

@@ -1,0 +1,369 @@
+//! gRPC over HTTP/2 to an upstream, cleartext (h2c prior knowledge) or TLS (ALPN `h2`).
+//!
+//! Connections are pooled and multiplexed by hyper-util's client. Requests carry
+//! `te: trailers` and the remaining deadline as `grpc-timeout` (PROTOCOL-HTTP2.md "Requests").
+//! Replies are decoded frame by frame, so each message reaches the client as soon as it arrives.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use futures_core::Stream;
+use futures_util::StreamExt;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, StreamBody};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use pnp_call::{Call, Code, Message, Reply, ReplyItem, ResponseHead, Status};
+use pnp_wire::content_type::{self, Protocol};
+use pnp_wire::frame::{Frame as WireFrame, FrameBuf, FrameDecoder, FrameKind};
+
+use crate::{strip_response_headers, Blame, TransportError};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The request body type sent upstream: frames written without copying their payloads.
+pub type EgressBody = UnsyncBoxBody<FrameBuf, BoxError>;
+
+/// How to reach one upstream over HTTP/2.
+#[derive(Clone, Debug)]
+pub struct Http2Options {
+    /// `http://host:port` (h2c) or `https://host:port` (TLS).
+    pub upstream: url::Url,
+    /// Extra PEM roots for TLS upstreams.
+    pub extra_roots_pem: Option<Vec<u8>>,
+    /// TCP+TLS connect timeout.
+    pub connect_timeout: Duration,
+    /// Largest response message accepted.
+    pub max_message_size: usize,
+}
+
+/// The HTTP/2 egress transport: a cloneable [`tower::Service`] over the call model.
+#[derive(Clone)]
+pub struct Http2Transport {
+    client: Client<HttpsConnector<HttpConnector>, EgressBody>,
+    base: Arc<Base>,
+}
+
+struct Base {
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    max_message_size: usize,
+}
+
+impl std::fmt::Debug for Http2Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Http2Transport")
+            .field(
+                "upstream",
+                &format_args!("{}://{}", self.base.scheme, self.base.authority),
+            )
+            .finish()
+    }
+}
+
+impl Http2Transport {
+    /// Build the transport; no connection is made until the first call.
+    pub fn new(options: Http2Options) -> io::Result<Self> {
+        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
+        let host = options
+            .upstream
+            .host_str()
+            .ok_or_else(|| invalid(format!("upstream `{}` has no host", options.upstream)))?;
+        let tls = options.upstream.scheme() == "https";
+        let port = options
+            .upstream
+            .port_or_known_default()
+            .unwrap_or(if tls { 443 } else { 80 });
+        let authority: http::uri::Authority = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        }
+        .parse()
+        .map_err(|e| invalid(format!("upstream authority: {e}")))?;
+
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(options.connect_timeout));
+
+        let mut roots = rustls::RootCertStore::empty();
+        if tls {
+            let native = rustls_native_certs::load_native_certs();
+            for cert in native.certs {
+                // A broken system certificate must not stop pnp from starting.
+                let _ = roots.add(cert);
+            }
+        }
+        if let Some(pem) = &options.extra_roots_pem {
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| invalid(format!("upstream CA: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| invalid(format!("upstream CA: {e}")))?;
+            }
+        }
+        let tls_config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config)
+            .https_or_http()
+            .enable_http2()
+            .wrap_connector(http);
+
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .http2_adaptive_window(false)
+            .http2_initial_stream_window_size(Some(1 << 20))
+            .http2_initial_connection_window_size(Some(4 << 20))
+            .http2_max_frame_size(Some(64 << 10))
+            .build(connector);
+
+        Ok(Self {
+            client,
+            base: Arc::new(Base {
+                scheme: if tls {
+                    http::uri::Scheme::HTTPS
+                } else {
+                    http::uri::Scheme::HTTP
+                },
+                authority,
+                max_message_size: options.max_message_size,
+            }),
+        })
+    }
+
+    fn request(&self, call: Call) -> Result<Request<EgressBody>, TransportError> {
+        let uri = Uri::builder()
+            .scheme(self.base.scheme.clone())
+            .authority(self.base.authority.clone())
+            .path_and_query(call.head.path.clone())
+            .build()
+            .map_err(|e| TransportError {
+                status: Box::new(Status::new(
+                    Code::Internal,
+                    format!("pnp: cannot build upstream URI: {e}"),
+                )),
+                blame: Blame::Proxy,
+                unprocessed: true,
+            })?;
+        let mut headers = call.head.metadata;
+        let content_type = match &call.head.subtype {
+            Some(sub) => HeaderValue::from_str(&format!("application/grpc+{sub}"))
+                .unwrap_or(HeaderValue::from_static("application/grpc")),
+            None => HeaderValue::from_static("application/grpc"),
+        };
+        headers.insert(header::CONTENT_TYPE, content_type);
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        if let Some(timeout) = call.head.timeout {
+            if let Ok(value) = HeaderValue::from_str(&pnp_wire::timeout::encode(timeout)) {
+                headers.insert("grpc-timeout", value);
+            }
+        }
+        let frames = call.messages.map(|item| match item {
+            Ok(message) => Ok(Frame::data(FrameBuf::message(
+                message.compressed,
+                message.data,
+            ))),
+            Err(status) => Err(BoxError::from(TransportError {
+                status: Box::new(status),
+                blame: Blame::Client,
+                unprocessed: false,
+            })),
+        });
+        let mut request = Request::new(StreamBody::new(frames).boxed_unsync());
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        Ok(request)
+    }
+}
+
+impl tower::Service<Call> for Http2Transport {
+    type Response = Reply;
+    type Error = TransportError;
+    type Future = Pin<Box<dyn Future<Output = Result<Reply, TransportError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
+        let request = self.request(call);
+        let client = self.client.clone();
+        let max = self.base.max_message_size;
+        Box::pin(async move {
+            let response = client
+                .request(request?)
+                .await
+                .map_err(|e| TransportError::from_http(&e, "upstream request failed"))?;
+            Ok(reply_from_response(response, max))
+        })
+    }
+}
+
+/// Turn an upstream HTTP response into a reply (PROTOCOL-HTTP2.md "Responses").
+fn reply_from_response(response: Response<Incoming>, max_message_size: usize) -> Reply {
+    let (parts, body) = response.into_parts();
+    if parts.status != StatusCode::OK {
+        // http-grpc-status-mapping.md: a non-200 reply is mapped from its HTTP status, whatever
+        // else it carries.
+        let code = Code::from_http_status(parts.status.as_u16());
+        return Reply::TrailersOnly(Status::new(
+            code,
+            format!(
+                "upstream answered HTTP {} ({}), not gRPC",
+                parts.status.as_u16(),
+                describe_content_type(&parts.headers)
+            ),
+        ));
+    }
+    let subtype = match parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(content_type::parse)
+    {
+        Some((Protocol::Grpc, subtype)) => subtype.map(str::to_owned),
+        _ => {
+            return Reply::TrailersOnly(Status::new(
+                Code::Unknown,
+                format!(
+                    "upstream answered HTTP 200 with {}, not gRPC",
+                    describe_content_type(&parts.headers)
+                ),
+            ))
+        }
+    };
+    let mut metadata = parts.headers;
+    if let Some(mut status) = Status::from_headers(&metadata) {
+        // Trailers-Only: the status came in the headers and the body is empty. The other
+        // headers are the reply's metadata, minus what belongs to this hop.
+        strip_response_headers(&mut metadata);
+        status.metadata = metadata;
+        return Reply::TrailersOnly(status);
+    }
+    strip_response_headers(&mut metadata);
+    Reply::Stream {
+        head: ResponseHead { metadata, subtype },
+        items: Box::pin(ReplyStream {
+            body,
+            decoder: FrameDecoder::new(FrameKind::Grpc, max_message_size),
+            done: false,
+        }),
+    }
+}
+
+fn describe_content_type(headers: &http::HeaderMap) -> String {
+    match headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(ct) => format!("content-type {}", ct.chars().take(64).collect::<String>()),
+        None => "no content-type".to_owned(),
+    }
+}
+
+/// Decodes an upstream body into reply items, one message at a time.
+struct ReplyStream {
+    body: Incoming,
+    decoder: FrameDecoder,
+    done: bool,
+}
+
+impl ReplyStream {
+    fn finish(&mut self, status: Status) -> Poll<Option<ReplyItem>> {
+        self.done = true;
+        Poll::Ready(Some(ReplyItem::Status(status)))
+    }
+}
+
+impl Stream for ReplyStream {
+    type Item = ReplyItem;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ReplyItem>> {
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match this.decoder.next_frame() {
+                Ok(Some(WireFrame::Message { compressed, data })) => {
+                    return Poll::Ready(Some(ReplyItem::Message(Message { compressed, data })))
+                }
+                Ok(Some(WireFrame::Trailers { .. })) => {
+                    // FrameKind::Grpc never yields trailer frames; treat one as a protocol error.
+                    return this.finish(Status::new(
+                        Code::Internal,
+                        "upstream sent a gRPC-Web trailer frame on a gRPC stream",
+                    ));
+                }
+                Ok(None) => {}
+                Err(e) => return this.finish(frame_error_status(&e)),
+            }
+            let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+            match frame {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => this.decoder.push(data),
+                    Err(frame) => {
+                        let status = match frame.into_trailers() {
+                            Ok(trailers) => match this.decoder.finish() {
+                                Err(e) => frame_error_status(&e),
+                                Ok(()) => Status::from_headers(&trailers).unwrap_or_else(|| {
+                                    Status::new(
+                                        Code::Internal,
+                                        "upstream sent trailers without grpc-status",
+                                    )
+                                }),
+                            },
+                            Err(_) => continue,
+                        };
+                        return this.finish(status);
+                    }
+                },
+                Some(Err(e)) => {
+                    let err = TransportError::from_http(&e, "upstream stream failed");
+                    return this.finish(*err.status);
+                }
+                None => {
+                    let status = match this.decoder.finish() {
+                        Err(e) => frame_error_status(&e),
+                        Ok(()) => Status::new(
+                            Code::Internal,
+                            "upstream ended the stream without trailers (no grpc-status)",
+                        ),
+                    };
+                    return this.finish(status);
+                }
+            }
+        }
+    }
+}
+
+fn frame_error_status(e: &pnp_wire::frame::FrameError) -> Status {
+    use pnp_wire::frame::FrameError;
+    match e {
+        FrameError::TooLarge { len, max } => Status::new(
+            Code::ResourceExhausted,
+            format!("upstream message of {len} bytes exceeds the limit of {max} bytes"),
+        ),
+        FrameError::Truncated { buffered } => Status::new(
+            Code::Internal,
+            format!("upstream stream ended inside a message ({buffered} bytes of it received)"),
+        ),
+        other => Status::new(Code::Internal, format!("malformed upstream frame: {other}")),
+    }
+}
