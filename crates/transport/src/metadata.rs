@@ -37,7 +37,12 @@ pub fn strip_request_headers(headers: &mut HeaderMap) {
 /// `date`).
 pub fn strip_response_headers(headers: &mut HeaderMap) {
     strip_common(headers);
-    for name in ["grpc-status", "grpc-message", "grpc-status-details-bin", "date"] {
+    for name in [
+        "grpc-status",
+        "grpc-message",
+        "grpc-status-details-bin",
+        "date",
+    ] {
         headers.remove(name);
     }
 }
