@@ -28,6 +28,7 @@ use crate::abort::CallAbort;
 use crate::reply::{base_headers, Clocks, Encoding, ReplyBody};
 use crate::request::RequestMessages;
 use crate::responder;
+use crate::site;
 
 /// The egress side as the ingress sees it: any transport.
 pub type Transport = BoxCloneSyncService<Call, Reply, TransportError>;
@@ -100,6 +101,9 @@ impl Inner {
     async fn handle(&self, request: Request<Incoming>) -> Response<ReplyBody> {
         let received = Instant::now();
         let (mut parts, body) = request.into_parts();
+        if let Some(page) = site::serve(&parts) {
+            return page;
+        }
         let accepted = match accept(&mut parts) {
             Ok(accepted) => accepted,
             Err(refusal) => return *refusal,

@@ -19,6 +19,7 @@ mod listener;
 pub mod reply;
 mod request;
 mod responder;
+mod site;
 mod tls;
 
 use std::io;

@@ -95,6 +95,8 @@ enum State {
     #[default]
     Empty,
     Streaming(Box<Streaming>),
+    /// A complete body known up front (the demo page and its assets).
+    Full(bytes::Bytes),
     Done,
 }
 
@@ -113,6 +115,13 @@ impl ReplyBody {
     pub fn empty() -> Self {
         Self {
             state: State::Empty,
+        }
+    }
+
+    /// A body with these bytes in it.
+    pub fn full(bytes: bytes::Bytes) -> Self {
+        Self {
+            state: State::Full(bytes),
         }
     }
 
@@ -197,6 +206,11 @@ impl Body for ReplyBody {
         let this = self.get_mut();
         match &mut this.state {
             State::Empty | State::Done => Poll::Ready(None),
+            State::Full(bytes) => {
+                let bytes = std::mem::take(bytes);
+                this.state = State::Done;
+                Poll::Ready(Some(Ok(Frame::data(FrameBuf::raw(bytes)))))
+            }
             State::Streaming(streaming) => match streaming.poll_frame(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(None) => {
@@ -213,8 +227,9 @@ impl Body for ReplyBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.state {
+        match &self.state {
             State::Empty | State::Done => SizeHint::with_exact(0),
+            State::Full(bytes) => SizeHint::with_exact(bytes.len() as u64),
             State::Streaming(_) => SizeHint::default(),
         }
     }
