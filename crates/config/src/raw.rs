@@ -302,6 +302,15 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_parses() {
+        let config = Config::from_toml(include_str!("../../../deploy/pnp.example.toml"))
+            .expect("deploy/pnp.example.toml parses");
+        assert_eq!(config.admin, Some("127.0.0.1:9901".parse().expect("addr")));
+        assert_eq!(config.cors.expose_headers, ["x-request-id"]);
+        assert!(matches!(config.upstream.target, UpstreamTarget::Url(_)));
+    }
+
+    #[test]
     fn admin_can_be_disabled_and_star_means_any() {
         let config =
             Config::from_toml("[admin]\nenabled = false\n[cors]\nallowed_origins = [\"*\"]")
