@@ -85,15 +85,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let format = match format {
+        LogFormat::Text => pnp_telemetry::LogFormat::Text,
+        LogFormat::Json => pnp_telemetry::LogFormat::Json,
+    };
+    pnp_telemetry::init_tracing(format, "info");
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

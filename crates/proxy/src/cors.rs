@@ -12,6 +12,7 @@ const ALWAYS_EXPOSED: &[&str] = &[
     "grpc-message",
     "grpc-status-details-bin",
     "x-pnp-transport",
+    "x-request-id",
 ];
 
 pub(crate) fn layer(config: &Cors) -> CorsLayer {

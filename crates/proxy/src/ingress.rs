@@ -24,11 +24,17 @@ use tokio_util::sync::CancellationToken;
 use tower::util::BoxCloneSyncService;
 use tower::ServiceExt;
 
+use pnp_telemetry::{request_id, Metrics};
+use tracing::Instrument;
+
 use crate::abort::CallAbort;
-use crate::reply::{base_headers, Clocks, Encoding, ReplyBody};
+use crate::reply::{base_headers, Clocks, Encoding, Observer, ReplyBody};
 use crate::request::RequestMessages;
 use crate::responder;
 use crate::site;
+
+/// The header that names the job a call belongs to (see job profiles in DESIGN.md).
+pub const JOB_HEADER: &str = "x-pnp-job";
 
 /// The egress side as the ingress sees it: any transport.
 pub type Transport = BoxCloneSyncService<Call, Reply, TransportError>;
@@ -44,6 +50,7 @@ struct Inner {
     transport_name: &'static str,
     max_message_size: usize,
     shutdown: CancellationToken,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for Ingress {
@@ -62,6 +69,7 @@ impl Ingress {
         transport_name: &'static str,
         max_message_size: usize,
         shutdown: CancellationToken,
+        metrics: Metrics,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -69,6 +77,7 @@ impl Ingress {
                 transport_name,
                 max_message_size,
                 shutdown,
+                metrics,
             }),
         }
     }
@@ -83,9 +92,32 @@ impl tower::Service<Request<Incoming>> for Ingress {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
         let inner = self.inner.clone();
-        Box::pin(async move { Ok(inner.handle(request).await) })
+        // The id travels upstream with the call's metadata and comes back on the response.
+        let request_id =
+            request_id::from_headers(request.headers()).unwrap_or_else(request_id::generate);
+        request
+            .headers_mut()
+            .insert(request_id::HEADER, request_id.clone());
+        let span = tracing::info_span!(
+            "call",
+            request_id = %String::from_utf8_lossy(request_id.as_bytes()),
+            method = %request.uri().path(),
+            job = request.headers().get(JOB_HEADER).and_then(|v| v.to_str().ok()).unwrap_or(""),
+            transport = inner.transport_name,
+            grpc_status = tracing::field::Empty,
+        );
+        Box::pin(
+            async move {
+                let mut response = inner.handle(request).await;
+                response
+                    .headers_mut()
+                    .insert(request_id::HEADER, request_id);
+                Ok(response)
+            }
+            .instrument(span),
+        )
     }
 }
 
@@ -125,12 +157,22 @@ impl Inner {
                 )
             }
         };
+        let job = metadata.get(JOB_HEADER).and_then(|v| v.to_str().ok());
+        let recorder = self
+            .metrics
+            .call(parts.uri.path(), job, self.transport_name);
+        let mut observer = Observer {
+            recorder,
+            metrics: self.metrics.clone(),
+            span: tracing::Span::current(),
+        };
         let abort = CallAbort::default();
         let messages = RequestMessages::new(
             body,
             accepted.protocol == Protocol::GrpcWebText,
             self.max_message_size,
             abort.clone(),
+            self.metrics.request_counters(self.transport_name),
         );
         let call = Call {
             head: CallHead {
@@ -150,7 +192,8 @@ impl Inner {
                 None => std::future::pending().await,
             }
         };
-        let fail = |status: Status| {
+        let mut fail = |status: Status| {
+            observer.finish(&status);
             responder::trailers_only(
                 encoding,
                 subtype.as_deref(),
@@ -164,10 +207,13 @@ impl Inner {
                 let status = abort.status().unwrap_or_else(|| Status::new(Code::Cancelled, "pnp: call aborted"));
                 return fail(status);
             }
-            () = sleep => return fail(Status::new(
+            () = sleep => {
+                self.metrics.clock_expired("deadline");
+                return fail(Status::new(
                 Code::DeadlineExceeded,
                 "pnp: deadline exceeded (grpc-timeout) before the upstream answered",
-            )),
+            ))
+            }
             () = self.shutdown.cancelled() => return fail(Status::new(
                 Code::Unavailable,
                 "pnp is shutting down; retry on another instance",
@@ -176,7 +222,10 @@ impl Inner {
         match reply {
             Err(err) => {
                 tracing::debug!(error = %err, blame = ?err.blame, "call failed before a reply");
-                fail(*err.status)
+                // Bad request input resets the upstream stream, and the transport reports that
+                // reset (often in the same wake-up as the abort, so `select!` may pick either):
+                // the client must see what was wrong with its request, not the reset.
+                fail(abort.status().unwrap_or(*err.status))
             }
             Ok(Reply::TrailersOnly(status)) => fail(status),
             Ok(Reply::Stream { head, items }) => {
@@ -189,6 +238,7 @@ impl Inner {
                         abort,
                         shutdown: self.shutdown.clone(),
                     },
+                    observer,
                 ));
                 let headers = response.headers_mut();
                 *headers = head.metadata;

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pnp_config::{Config, UpstreamTarget};
+use pnp_telemetry::Metrics;
 use pnp_transport::http2::{Http2Options, Http2Transport};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -70,6 +71,7 @@ pub struct Proxy {
     admin_addr: Option<SocketAddr>,
     grace_period: Duration,
     health: Arc<Health>,
+    metrics: Metrics,
     stop_accepting: CancellationToken,
     end_streams: CancellationToken,
     listener: JoinHandle<listener::Drain>,
@@ -109,11 +111,13 @@ impl Proxy {
         let end_streams = CancellationToken::new();
         let stop_accepting = CancellationToken::new();
         let health = Arc::new(Health::default());
+        let metrics = Metrics::new();
         let ingress = Ingress::new(
             tower::util::BoxCloneSyncService::new(transport),
             "h2",
             config.limits.max_message_size,
             end_streams.clone(),
+            metrics.clone(),
         );
         let service = tower::ServiceBuilder::new()
             .layer(cors::layer(&config.cors))
@@ -137,7 +141,11 @@ impl Proxy {
                     .map_err(io_err("reading the admin address".into()))?;
                 (
                     Some(addr),
-                    Some(tokio::spawn(admin::serve(tcp, health.clone()))),
+                    Some(tokio::spawn(admin::serve(
+                        tcp,
+                        health.clone(),
+                        metrics.clone(),
+                    ))),
                 )
             }
             None => (None, None),
@@ -148,6 +156,7 @@ impl Proxy {
             admin_addr,
             grace_period: config.shutdown.grace_period,
             health,
+            metrics,
             stop_accepting,
             end_streams,
             listener,
@@ -163,6 +172,11 @@ impl Proxy {
     /// The admin address, if the admin listener is enabled.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// The data plane's metrics (what the admin listener serves at `/metrics`).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Graceful shutdown with the configured grace period.

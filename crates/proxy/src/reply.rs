@@ -21,6 +21,8 @@ use pnp_wire::{text, trailers};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use pnp_telemetry::{CallRecorder, Metrics};
+
 use crate::abort::CallAbort;
 
 /// How replies are written to this client.
@@ -83,6 +85,36 @@ pub(crate) struct Clocks {
     pub(crate) shutdown: CancellationToken,
 }
 
+/// What the reply driver reports to: the call's metrics and span.
+pub(crate) struct Observer {
+    pub(crate) recorder: CallRecorder,
+    pub(crate) metrics: Metrics,
+    pub(crate) span: tracing::Span,
+}
+
+impl Observer {
+    /// A response message went out.
+    fn message(&mut self, bytes: usize) {
+        let seq = self.recorder.response_message(bytes);
+        tracing::trace!(parent: &self.span, seq, bytes, "response message");
+    }
+
+    /// The call ended with `status`.
+    pub(crate) fn finish(&mut self, status: &Status) {
+        let code = status.code.as_i32();
+        self.recorder.finish(code);
+        self.span.record("grpc_status", code);
+        tracing::info!(
+            parent: &self.span,
+            grpc_status = code,
+            grpc_message = %status.message,
+            messages = self.recorder.messages(),
+            duration_ms = self.recorder.elapsed().as_secs_f64() * 1e3,
+            "call finished"
+        );
+    }
+}
+
 /// The body of a response pnp writes to its client.
 #[derive(Default)]
 pub struct ReplyBody {
@@ -108,6 +140,7 @@ struct Streaming {
     abort: CallAbort,
     aborted: Pin<Box<WaitForCancellationFutureOwned>>,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    observer: Observer,
 }
 
 impl ReplyBody {
@@ -125,7 +158,12 @@ impl ReplyBody {
         }
     }
 
-    pub(crate) fn streaming(encoding: Encoding, items: BoxReplyStream, clocks: Clocks) -> Self {
+    pub(crate) fn streaming(
+        encoding: Encoding,
+        items: BoxReplyStream,
+        clocks: Clocks,
+        observer: Observer,
+    ) -> Self {
         let aborted = Box::pin(clocks.abort.token().clone().cancelled_owned());
         Self {
             state: State::Streaming(Box::new(Streaming {
@@ -138,6 +176,7 @@ impl ReplyBody {
                 abort: clocks.abort,
                 aborted,
                 shutdown: Box::pin(clocks.shutdown.cancelled_owned()),
+                observer,
             })),
         }
     }
@@ -147,7 +186,9 @@ impl Streaming {
     /// The proxy ends the call: drop the upstream (which resets it) and report `status`.
     fn end(&mut self, status: Status) -> Option<Frame<FrameBuf>> {
         self.items = None;
-        self.guard.abort(status).map(|s| self.encoding.status(&s))
+        let status = self.guard.abort(status)?;
+        self.observer.finish(&status);
+        Some(self.encoding.status(&status))
     }
 
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Frame<FrameBuf>>> {
@@ -169,6 +210,7 @@ impl Streaming {
         }
         if let Some(deadline) = self.deadline.as_mut() {
             if deadline.as_mut().poll(cx).is_ready() {
+                self.observer.metrics.clock_expired("deadline");
                 return Poll::Ready(self.end(Status::new(
                     pnp_call::Code::DeadlineExceeded,
                     "pnp: deadline exceeded (grpc-timeout) while waiting for the upstream",
@@ -183,11 +225,15 @@ impl Streaming {
             Poll::Ready(item) => item,
         };
         match self.guard.on_item(item) {
-            GuardEvent::Deliver(ReplyItem::Message(message)) => Poll::Ready(Some(Frame::data(
-                self.encoding.message(message.compressed, message.data),
-            ))),
+            GuardEvent::Deliver(ReplyItem::Message(message)) => {
+                self.observer.message(message.data.len());
+                Poll::Ready(Some(Frame::data(
+                    self.encoding.message(message.compressed, message.data),
+                )))
+            }
             GuardEvent::Deliver(ReplyItem::Status(status)) => {
                 self.items = None;
+                self.observer.finish(&status);
                 Poll::Ready(Some(self.encoding.status(&status)))
             }
             GuardEvent::Done => Poll::Ready(None),
@@ -212,6 +258,7 @@ impl Body for ReplyBody {
                 Poll::Ready(Some(Ok(Frame::data(FrameBuf::raw(bytes)))))
             }
             State::Streaming(streaming) => match streaming.poll_frame(cx) {
+                // (The span is passed explicitly as the parent of each event.)
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(None) => {
                     this.state = State::Done;

@@ -11,6 +11,8 @@ use pnp_call::{Code, Message, Status};
 use pnp_wire::frame::{Frame, FrameDecoder, FrameError, FrameKind};
 use pnp_wire::text::{Base64Decoder, TextError};
 
+use pnp_telemetry::Counter;
+
 use crate::abort::CallAbort;
 
 /// Decodes a gRPC or gRPC-Web request body into messages. Bad input ends the call: the error
@@ -22,6 +24,7 @@ pub(crate) struct RequestMessages {
     decoder: FrameDecoder,
     abort: CallAbort,
     done: bool,
+    counters: (Counter, Counter),
 }
 
 impl RequestMessages {
@@ -30,6 +33,7 @@ impl RequestMessages {
         text: bool,
         max_message_size: usize,
         abort: CallAbort,
+        counters: (Counter, Counter),
     ) -> Self {
         Self {
             body,
@@ -37,6 +41,7 @@ impl RequestMessages {
             decoder: FrameDecoder::new(FrameKind::Grpc, max_message_size),
             abort,
             done: false,
+            counters,
         }
     }
 
@@ -86,7 +91,9 @@ impl Stream for RequestMessages {
             }
             match this.decoder.next_frame() {
                 Ok(Some(Frame::Message { compressed, data })) => {
-                    return Poll::Ready(Some(Ok(Message { compressed, data })))
+                    this.counters.0.inc();
+                    this.counters.1.inc_by(data.len() as u64);
+                    return Poll::Ready(Some(Ok(Message { compressed, data })));
                 }
                 Ok(Some(Frame::Trailers { .. })) => {
                     return this.fail(Status::new(

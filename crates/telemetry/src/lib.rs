@@ -1,0 +1,18 @@
+//! Telemetry of pnp: request ids, Prometheus metrics and the tracing subscriber.
+//!
+//! The data plane asks this crate for a [`CallRecorder`] per call and feeds it what happens
+//! (messages, the final status); the admin listener renders [`Metrics::encode`]. Label values
+//! are bounded: methods and jobs beyond a fixed number of distinct values collapse into
+//! `"other"`, and methods the upstream does not implement are `"unknown"`, so a scan of random
+//! paths cannot blow up the series count. No I/O here except the subscriber's log writer.
+#![forbid(unsafe_code)]
+
+mod labels;
+mod metrics;
+pub mod request_id;
+mod subscriber;
+
+pub use metrics::{CallRecorder, Direction, Metrics, CALL_BUCKETS, MESSAGE_TIME_BUCKETS};
+/// A monotonic counter handle (cheap to clone, shared with its series).
+pub use prometheus_client::metrics::counter::Counter;
+pub use subscriber::{init_tracing, LogFormat};

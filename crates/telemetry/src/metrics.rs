@@ -1,0 +1,472 @@
+//! Prometheus metrics (OpenMetrics text) of the data plane.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::labels::BoundedValues;
+
+/// Buckets for time to first message and gaps between messages: 1 ms to 30 s, dense where token
+/// streams live (tens of milliseconds to a few seconds).
+pub const MESSAGE_TIME_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+];
+/// Buckets for whole calls: 1 ms to 5 min (token streams run 2–8 s with a tail past 15 s).
+pub const CALL_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 8.0, 10.0, 15.0, 20.0, 30.0,
+    60.0, 120.0, 300.0,
+];
+/// Distinct method label values kept before newcomers become `other`.
+const METHOD_LIMIT: usize = 512;
+/// Distinct job label values kept before newcomers become `other`.
+const JOB_LIMIT: usize = 64;
+/// gRPC UNIMPLEMENTED: calls that end with it label their method `unknown`.
+const UNIMPLEMENTED: i32 = 12;
+/// gRPC CANCELLED: what a call that was dropped unfinished (client gone) records.
+const CANCELLED: i32 = 1;
+
+/// Which way a message travelled.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    /// Client to upstream.
+    Request,
+    /// Upstream to client.
+    Response,
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        let text = match self {
+            Direction::Request => "request",
+            Direction::Response => "response",
+        };
+        std::fmt::Write::write_str(encoder, text)
+    }
+}
+
+/// A shared label value.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Label(Arc<str>);
+
+impl EncodeLabelValue for Label {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, &self.0)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    method: Label,
+    job: Label,
+    transport: &'static str,
+    grpc_status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DurationLabels {
+    method: Label,
+    job: Label,
+    transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: Label,
+    job: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabels {
+    transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlowLabels {
+    direction: Direction,
+    transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClockLabels {
+    clock: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn message_time_histogram() -> Histogram {
+    Histogram::new(MESSAGE_TIME_BUCKETS.iter().copied())
+}
+
+fn call_histogram() -> Histogram {
+    Histogram::new(CALL_BUCKETS.iter().copied())
+}
+
+/// The metrics of one data plane. Cheap to clone; all clones share the series.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    duration: HistogramFamily<DurationLabels>,
+    first_message: HistogramFamily<MethodLabels>,
+    message_gap: HistogramFamily<MethodLabels>,
+    active_streams: Family<TransportLabels, Gauge<i64, std::sync::atomic::AtomicI64>>,
+    messages: Family<FlowLabels, Counter<u64, AtomicU64>>,
+    bytes: Family<FlowLabels, Counter<u64, AtomicU64>>,
+    clock_expiries: Family<ClockLabels, Counter>,
+    methods: BoundedValues,
+    jobs: BoundedValues,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh set of series, registered under the `pnp_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("pnp");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "calls",
+            "Calls finished, by method, job, transport and grpc status",
+            calls.clone(),
+        );
+        let duration: HistogramFamily<DurationLabels> =
+            Family::new_with_constructor(call_histogram);
+        registry.register(
+            "call_duration_seconds",
+            "Call duration from request headers to final status",
+            duration.clone(),
+        );
+        let first_message: HistogramFamily<MethodLabels> =
+            Family::new_with_constructor(message_time_histogram);
+        registry.register(
+            "first_message_seconds",
+            "Time from request headers to the first response message (time to first token)",
+            first_message.clone(),
+        );
+        let message_gap: HistogramFamily<MethodLabels> =
+            Family::new_with_constructor(message_time_histogram);
+        registry.register(
+            "message_gap_seconds",
+            "Time between two consecutive response messages of a call",
+            message_gap.clone(),
+        );
+        let active_streams = Family::default();
+        registry.register(
+            "active_streams",
+            "Calls in flight, by transport",
+            active_streams.clone(),
+        );
+        let messages = Family::default();
+        registry.register(
+            "messages",
+            "Messages forwarded, by direction and transport",
+            messages.clone(),
+        );
+        let bytes = Family::default();
+        registry.register(
+            "message_bytes",
+            "Message payload bytes forwarded, by direction and transport",
+            bytes.clone(),
+        );
+        let clock_expiries = Family::default();
+        registry.register(
+            "clock_expiries",
+            "Calls ended by one of pnp's clocks, by clock",
+            clock_expiries.clone(),
+        );
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                calls,
+                duration,
+                first_message,
+                message_gap,
+                active_streams,
+                messages,
+                bytes,
+                clock_expiries,
+                methods: BoundedValues::new(METHOD_LIMIT),
+                jobs: BoundedValues::new(JOB_LIMIT),
+            }),
+        }
+    }
+
+    /// The OpenMetrics text exposition of every series.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.inner.registry).is_err() {
+            text.clear();
+        }
+        text
+    }
+
+    /// Start recording a call on `path` (`/pkg.Service/Method`) for `job` over `transport`.
+    pub fn call(&self, path: &str, job: Option<&str>, transport: &'static str) -> CallRecorder {
+        let inner = &self.inner;
+        inner
+            .active_streams
+            .get_or_create(&TransportLabels { transport })
+            .inc();
+        let flow = |direction| {
+            let labels = FlowLabels {
+                direction,
+                transport,
+            };
+            (
+                inner.messages.get_or_create(&labels).clone(),
+                inner.bytes.get_or_create(&labels).clone(),
+            )
+        };
+        let (messages_out, bytes_out) = flow(Direction::Response);
+        CallRecorder {
+            metrics: self.clone(),
+            path: path.into(),
+            method: None,
+            job: Label(inner.jobs.get(job.unwrap_or("none"))),
+            transport,
+            start: Instant::now(),
+            last_message: None,
+            messages: 0,
+            finished: false,
+            messages_out,
+            bytes_out,
+        }
+    }
+
+    /// Counters for request messages of calls over `transport`: (messages, bytes).
+    pub fn request_counters(&self, transport: &'static str) -> (Counter, Counter) {
+        let labels = FlowLabels {
+            direction: Direction::Request,
+            transport,
+        };
+        (
+            self.inner.messages.get_or_create(&labels).clone(),
+            self.inner.bytes.get_or_create(&labels).clone(),
+        )
+    }
+
+    /// One of pnp's clocks ended a call.
+    pub fn clock_expired(&self, clock: &'static str) {
+        self.inner
+            .clock_expiries
+            .get_or_create(&ClockLabels { clock })
+            .inc();
+    }
+}
+
+/// Records one call: create it with [`Metrics::call`], report each response message, then
+/// [`finish`](CallRecorder::finish). Dropped unfinished, it records the call as CANCELLED
+/// (the client went away).
+#[derive(Debug)]
+pub struct CallRecorder {
+    metrics: Metrics,
+    path: Box<str>,
+    method: Option<Label>,
+    job: Label,
+    transport: &'static str,
+    start: Instant,
+    last_message: Option<Instant>,
+    messages: u64,
+    finished: bool,
+    messages_out: Counter,
+    bytes_out: Counter,
+}
+
+impl CallRecorder {
+    /// The method label: the path once the upstream has shown it implements it.
+    fn method(&mut self, implemented: bool) -> Label {
+        if !implemented {
+            return Label(Arc::from("unknown"));
+        }
+        if let Some(method) = &self.method {
+            return method.clone();
+        }
+        let method = Label(self.metrics.inner.methods.get(&self.path));
+        self.method = Some(method.clone());
+        method
+    }
+
+    /// A response message of `bytes` payload bytes was sent to the client. Returns its
+    /// sequence number (0 for the first).
+    pub fn response_message(&mut self, bytes: usize) -> u64 {
+        let now = Instant::now();
+        self.messages_out.inc();
+        self.bytes_out.inc_by(bytes as u64);
+        let labels = MethodLabels {
+            method: self.method(true),
+            job: self.job.clone(),
+        };
+        let since = match self.last_message {
+            None => {
+                let family = &self.metrics.inner.first_message;
+                family
+                    .get_or_create(&labels)
+                    .observe(now.duration_since(self.start).as_secs_f64());
+                None
+            }
+            Some(last) => Some(now.duration_since(last)),
+        };
+        if let Some(gap) = since {
+            self.metrics
+                .inner
+                .message_gap
+                .get_or_create(&labels)
+                .observe(gap.as_secs_f64());
+        }
+        self.last_message = Some(now);
+        let seq = self.messages;
+        self.messages += 1;
+        seq
+    }
+
+    /// Response messages so far.
+    pub fn messages(&self) -> u64 {
+        self.messages
+    }
+
+    /// Time since the call started.
+    pub fn elapsed(&self) -> std::time::Duration {
+        self.start.elapsed()
+    }
+
+    /// The call ended with gRPC status `code`.
+    pub fn finish(&mut self, code: i32) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        let implemented = code != UNIMPLEMENTED || self.messages > 0;
+        let method = self.method(implemented);
+        let inner = &self.metrics.inner;
+        inner
+            .calls
+            .get_or_create(&CallLabels {
+                method: method.clone(),
+                job: self.job.clone(),
+                transport: self.transport,
+                grpc_status: status_label(code),
+            })
+            .inc();
+        inner
+            .duration
+            .get_or_create(&DurationLabels {
+                method,
+                job: self.job.clone(),
+                transport: self.transport,
+            })
+            .observe(self.start.elapsed().as_secs_f64());
+        inner
+            .active_streams
+            .get_or_create(&TransportLabels {
+                transport: self.transport,
+            })
+            .dec();
+    }
+}
+
+impl Drop for CallRecorder {
+    fn drop(&mut self) {
+        self.finish(CANCELLED);
+    }
+}
+
+/// gRPC codes as static label values (`"0"` … `"16"`).
+fn status_label(code: i32) -> &'static str {
+    const LABELS: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    usize::try_from(code)
+        .ok()
+        .and_then(|i| LABELS.get(i).copied())
+        .unwrap_or("2")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    #[test]
+    fn a_finished_call_is_counted_once_with_its_status() {
+        let metrics = Metrics::new();
+        let mut call = metrics.call("/a.B/C", Some("chat"), "h2");
+        call.response_message(10);
+        call.response_message(20);
+        call.finish(0);
+        drop(call);
+        let text = metrics.encode();
+        let calls = line(
+            &text,
+            r#"pnp_calls_total{method="/a.B/C",job="chat",transport="h2",grpc_status="0"}"#,
+        );
+        assert_eq!(
+            calls.map(|l| l.rsplit(' ').next()),
+            Some(Some("1")),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"pnp_message_bytes_total{direction="response",transport="h2"} 30"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"pnp_first_message_seconds_count{method="/a.B/C",job="chat"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"pnp_message_gap_seconds_count{method="/a.B/C",job="chat"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"pnp_active_streams{transport="h2"} 0"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unimplemented_methods_collapse_and_drops_are_cancelled() {
+        let metrics = Metrics::new();
+        for i in 0..3 {
+            let mut call = metrics.call(&format!("/random.Path/{i}"), None, "h2");
+            call.finish(12);
+        }
+        drop(metrics.call("/a.B/C", None, "h2"));
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                r#"pnp_calls_total{method="unknown",job="none",transport="h2",grpc_status="12"} 3"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"pnp_calls_total{method="/a.B/C",job="none",transport="h2",grpc_status="1"} 1"#
+            ),
+            "{text}"
+        );
+    }
+}
