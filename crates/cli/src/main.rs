@@ -71,7 +71,8 @@ fn humantime_duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // Held until main returns, so the last spans are exported before exit.
+    let _tracing = init_tracing(cli.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -84,12 +85,12 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat) -> pnp_telemetry::TracingGuard {
     let format = match format {
         LogFormat::Text => pnp_telemetry::LogFormat::Text,
         LogFormat::Json => pnp_telemetry::LogFormat::Json,
     };
-    pnp_telemetry::init_tracing(format, "info");
+    pnp_telemetry::init_tracing_with(pnp_telemetry::TracingOptions::new(format, "info"))
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
