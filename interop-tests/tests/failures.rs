@@ -227,8 +227,24 @@ async fn upstream_killed_mid_stream_ends_every_mode_with_unavailable() {
         );
     }
 
-    // An upstream back on the same address: the same proxy serves again.
+    // An upstream back on the same address: the same proxy serves again. The failures above
+    // opened the circuit breaker, so calls fail fast (UNAVAILABLE, "circuit open") until its
+    // penalty is over and a probe succeeds; that takes at most the breaker's penalty.
     let _revived = UpstreamProcess::spawn(Some(upstream.addr)).await;
+    let recovery = Instant::now();
+    loop {
+        let (_, ended) = call_to_end(addr, Mode::GrpcH2, UNARY, &[], &unary_request(8)).await;
+        let (code, message) = expect_status(Mode::GrpcH2, ended);
+        if code == OK {
+            break;
+        }
+        assert_eq!(code, UNAVAILABLE, "while recovering: {message:?}");
+        assert!(
+            recovery.elapsed() < Duration::from_secs(5),
+            "the proxy did not recover within 5 s: {message:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for mode in Mode::ALL {
         let reply = RawClient::new(addr, mode)
             .call(UNARY, &[], &[&unary_request(8)])

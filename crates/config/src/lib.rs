@@ -6,6 +6,7 @@
 //! opened by the crates that use them.
 #![forbid(unsafe_code)]
 
+mod profile;
 mod raw;
 mod size;
 
@@ -13,6 +14,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use profile::{
+    parse_code, FirstMessage, Jobs, Profile, Resilience, RetrySettings, Route, DEFAULT_PROFILE,
+};
 pub use size::parse_size;
 
 /// Default data-plane listen address.
@@ -41,6 +45,10 @@ pub struct Config {
     pub limits: Limits,
     /// Graceful shutdown.
     pub shutdown: Shutdown,
+    /// Load shedding, circuit breaking, retry throttling, keepalive, header-read clock.
+    pub resilience: Resilience,
+    /// Job profiles and the routes that pick them.
+    pub jobs: Jobs,
 }
 
 /// The data-plane listener.
@@ -167,6 +175,8 @@ impl Config {
             shutdown: Shutdown {
                 grace_period: DEFAULT_GRACE_PERIOD,
             },
+            resilience: Resilience::default(),
+            jobs: Jobs::default(),
         }
     }
 

@@ -6,9 +6,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use std::collections::BTreeMap;
+
 use crate::{
-    parse_size, AllowedOrigins, Config, ConfigError, Cors, Limits, Shutdown, TlsFiles, Upstream,
-    UpstreamTarget, DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE_PERIOD,
+    parse_code, parse_size, AllowedOrigins, Config, ConfigError, Cors, FirstMessage, Jobs, Limits,
+    Profile, Resilience, RetrySettings, Route, Shutdown, TlsFiles, Upstream, UpstreamTarget,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE_PERIOD, DEFAULT_PROFILE,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -26,6 +29,93 @@ pub(crate) struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     shutdown: RawShutdown,
+    #[serde(default)]
+    resilience: RawResilience,
+    #[serde(default)]
+    profiles: BTreeMap<String, RawProfile>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResilience {
+    max_concurrent_streams: Option<usize>,
+    queue_threshold: Option<usize>,
+    stream_p95_slo: Option<String>,
+    peer_available: Option<bool>,
+    pushback: Option<String>,
+    #[serde(default)]
+    breaker: RawBreaker,
+    #[serde(default)]
+    retry_throttle: RawThrottle,
+    #[serde(default)]
+    keepalive: RawKeepalive,
+    #[serde(default)]
+    header_read: RawHeaderRead,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    failure_threshold: Option<u32>,
+    base_penalty: Option<String>,
+    max_penalty: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawThrottle {
+    max_tokens: Option<u32>,
+    token_ratio: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeepalive {
+    interval: Option<String>,
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeaderRead {
+    min: Option<String>,
+    max: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    first_message_timeout: Option<String>,
+    model_class: Option<String>,
+    sla_tier: Option<String>,
+    idle_timeout: Option<String>,
+    max_duration: Option<String>,
+    idempotent: Option<bool>,
+    degradable: Option<bool>,
+    #[serde(default)]
+    retry: RawRetry,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    max_attempts: Option<u32>,
+    initial_backoff: Option<String>,
+    max_backoff: Option<String>,
+    backoff_multiplier: Option<f64>,
+    retryable_codes: Option<Vec<String>>,
+    replay_buffer: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    service: Option<String>,
+    method: Option<String>,
+    job: Option<String>,
+    profile: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -92,6 +182,246 @@ fn parse_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
 
 fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(text).map_err(|e| invalid(key, format!("`{text}`: {e}")))
+}
+
+/// A duration, or `off` for none.
+fn parse_optional_duration(key: &str, text: &str) -> Result<Option<Duration>, ConfigError> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    parse_duration(key, text).map(Some)
+}
+
+fn duration_or(
+    key: &str,
+    text: &Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match text {
+        Some(text) => parse_duration(key, text),
+        None => Ok(default),
+    }
+}
+
+impl RawResilience {
+    fn into_resilience(self) -> Result<Resilience, ConfigError> {
+        let d = Resilience::default();
+        let r = Resilience {
+            max_concurrent_streams: self
+                .max_concurrent_streams
+                .unwrap_or(d.max_concurrent_streams),
+            queue_threshold: self.queue_threshold.unwrap_or(d.queue_threshold),
+            stream_p95_slo: duration_or(
+                "resilience.stream_p95_slo",
+                &self.stream_p95_slo,
+                d.stream_p95_slo,
+            )?,
+            peer_available: self.peer_available.unwrap_or(d.peer_available),
+            pushback: duration_or("resilience.pushback", &self.pushback, d.pushback)?,
+            breaker_failures: self.breaker.failure_threshold.unwrap_or(d.breaker_failures),
+            breaker_base_penalty: duration_or(
+                "resilience.breaker.base_penalty",
+                &self.breaker.base_penalty,
+                d.breaker_base_penalty,
+            )?,
+            breaker_max_penalty: duration_or(
+                "resilience.breaker.max_penalty",
+                &self.breaker.max_penalty,
+                d.breaker_max_penalty,
+            )?,
+            retry_max_tokens: self.retry_throttle.max_tokens.unwrap_or(d.retry_max_tokens),
+            retry_token_ratio: self
+                .retry_throttle
+                .token_ratio
+                .unwrap_or(d.retry_token_ratio),
+            keepalive_interval: duration_or(
+                "resilience.keepalive.interval",
+                &self.keepalive.interval,
+                d.keepalive_interval,
+            )?,
+            keepalive_timeout: duration_or(
+                "resilience.keepalive.timeout",
+                &self.keepalive.timeout,
+                d.keepalive_timeout,
+            )?,
+            header_read_min: duration_or(
+                "resilience.header_read.min",
+                &self.header_read.min,
+                d.header_read_min,
+            )?,
+            header_read_max: duration_or(
+                "resilience.header_read.max",
+                &self.header_read.max,
+                d.header_read_max,
+            )?,
+        };
+        if r.max_concurrent_streams == 0 {
+            return Err(invalid(
+                "resilience.max_concurrent_streams",
+                "must be at least 1",
+            ));
+        }
+        if r.breaker_failures == 0 {
+            return Err(invalid(
+                "resilience.breaker.failure_threshold",
+                "must be at least 1",
+            ));
+        }
+        if r.breaker_max_penalty < r.breaker_base_penalty {
+            return Err(invalid(
+                "resilience.breaker.max_penalty",
+                "is smaller than base_penalty",
+            ));
+        }
+        if !(r.retry_token_ratio > 0.0 && r.retry_token_ratio <= 1.0) {
+            return Err(invalid(
+                "resilience.retry_throttle.token_ratio",
+                "must be in (0, 1]",
+            ));
+        }
+        if r.header_read_min.is_zero() || r.header_read_max < r.header_read_min {
+            return Err(invalid("resilience.header_read", "needs 0 < min <= max"));
+        }
+        if r.keepalive_interval < Duration::from_secs(10) {
+            return Err(invalid(
+                "resilience.keepalive.interval",
+                "below 10s gRPC servers answer with too_many_pings (gRFC A8)",
+            ));
+        }
+        Ok(r)
+    }
+}
+
+impl RawProfile {
+    fn into_profile(self, name: &str) -> Result<Profile, ConfigError> {
+        let key = |field: &str| format!("profiles.{name}.{field}");
+        let d = Profile::default();
+        let first_message = match (&self.first_message_timeout, &self.model_class) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    &key("first_message_timeout"),
+                    "give either first_message_timeout or model_class, not both",
+                ))
+            }
+            (Some(text), None) => {
+                match parse_optional_duration(&key("first_message_timeout"), text)? {
+                    Some(d) => FirstMessage::After(d),
+                    None => FirstMessage::Off,
+                }
+            }
+            (None, Some(class)) => FirstMessage::Class {
+                class: class.clone(),
+                tier: self
+                    .sla_tier
+                    .clone()
+                    .unwrap_or_else(|| "standard".to_owned()),
+            },
+            (None, None) => d.first_message,
+        };
+        if self.sla_tier.is_some() && self.model_class.is_none() {
+            return Err(invalid(&key("sla_tier"), "needs model_class"));
+        }
+        let idle_timeout = match &self.idle_timeout {
+            Some(text) => parse_optional_duration(&key("idle_timeout"), text)?,
+            None => d.idle_timeout,
+        };
+        let max_duration = match &self.max_duration {
+            Some(text) => parse_optional_duration(&key("max_duration"), text)?,
+            None => d.max_duration,
+        };
+        let rd = RetrySettings::default();
+        let retry = RetrySettings {
+            max_attempts: self.retry.max_attempts.unwrap_or(rd.max_attempts),
+            initial_backoff: duration_or(
+                &key("retry.initial_backoff"),
+                &self.retry.initial_backoff,
+                rd.initial_backoff,
+            )?,
+            max_backoff: duration_or(
+                &key("retry.max_backoff"),
+                &self.retry.max_backoff,
+                rd.max_backoff,
+            )?,
+            backoff_multiplier: self
+                .retry
+                .backoff_multiplier
+                .unwrap_or(rd.backoff_multiplier),
+            retryable_codes: match &self.retry.retryable_codes {
+                None => rd.retryable_codes,
+                Some(names) => names
+                    .iter()
+                    .map(|n| {
+                        parse_code(n).ok_or_else(|| {
+                            invalid(
+                                &key("retry.retryable_codes"),
+                                format!("`{n}` is not a gRPC status code"),
+                            )
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+            },
+            replay_buffer: match &self.retry.replay_buffer {
+                Some(text) => {
+                    parse_size(text).map_err(|r| invalid(&key("retry.replay_buffer"), r))?
+                }
+                None => rd.replay_buffer,
+            },
+        };
+        if retry.max_attempts == 0 {
+            return Err(invalid(&key("retry.max_attempts"), "must be at least 1"));
+        }
+        if !(retry.backoff_multiplier >= 1.0 && retry.backoff_multiplier.is_finite()) {
+            return Err(invalid(
+                &key("retry.backoff_multiplier"),
+                "must be at least 1",
+            ));
+        }
+        if retry.max_backoff < retry.initial_backoff {
+            return Err(invalid(
+                &key("retry.max_backoff"),
+                "is smaller than initial_backoff",
+            ));
+        }
+        Ok(Profile {
+            first_message,
+            idle_timeout,
+            max_duration,
+            retry,
+            idempotent: self.idempotent.unwrap_or(d.idempotent),
+            degradable: self.degradable.unwrap_or(d.degradable),
+        })
+    }
+}
+
+fn into_jobs(
+    profiles: BTreeMap<String, RawProfile>,
+    routes: Vec<RawRoute>,
+) -> Result<Jobs, ConfigError> {
+    let mut jobs = Jobs::default();
+    for (name, raw) in profiles {
+        let profile = raw.into_profile(&name)?;
+        jobs.profiles.insert(name, profile);
+    }
+    for (i, route) in routes.into_iter().enumerate() {
+        if !jobs.profiles.contains_key(&route.profile) {
+            return Err(invalid(
+                &format!("routes[{i}].profile"),
+                format!(
+                    "no profile named `{}` (defined: {})",
+                    route.profile,
+                    jobs.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+        jobs.routes.push(Route {
+            service: route.service,
+            method: route.method,
+            job: route.job,
+            profile: route.profile,
+        });
+    }
+    debug_assert!(jobs.profiles.contains_key(DEFAULT_PROFILE));
+    Ok(jobs)
 }
 
 pub(crate) fn parse_upstream(key: &str, text: &str) -> Result<UpstreamTarget, ConfigError> {
@@ -202,6 +532,8 @@ impl RawConfig {
                 None => DEFAULT_GRACE_PERIOD,
             },
         };
+        config.resilience = self.resilience.into_resilience()?;
+        config.jobs = into_jobs(self.profiles, self.routes)?;
         Ok(config)
     }
 }
@@ -217,6 +549,7 @@ fn is_token(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pnp_wire::status::Code;
 
     #[test]
     fn empty_document_is_the_demo() {
@@ -294,6 +627,114 @@ mod tests {
             (
                 "[cors]\nexpose_headers = [\"bad header\"]",
                 "cors.expose_headers",
+            ),
+        ] {
+            let err = Config::from_toml(doc).expect_err(doc);
+            assert!(err.to_string().contains(key), "{doc}: {err}");
+        }
+    }
+
+    #[test]
+    fn profiles_and_routes() {
+        let config = Config::from_toml(
+            r#"
+            [resilience]
+            max_concurrent_streams = 64
+            peer_available = true
+            [resilience.breaker]
+            failure_threshold = 3
+            [profiles.llm]
+            model_class = "llm"
+            sla_tier = "batch"
+            idle_timeout = "10s"
+            [profiles.classify]
+            first_message_timeout = "300ms"
+            idle_timeout = "off"
+            max_duration = "2s"
+            idempotent = true
+            [profiles.classify.retry]
+            retryable_codes = ["unavailable", "RESOURCE_EXHAUSTED", "4"]
+            [[routes]]
+            job = "chat"
+            profile = "llm"
+            [[routes]]
+            service = "demo.Classifier"
+            profile = "classify"
+            "#,
+        )
+        .expect("parses");
+        assert_eq!(config.resilience.max_concurrent_streams, 64);
+        assert!(config.resilience.peer_available);
+        assert_eq!(config.resilience.breaker_failures, 3);
+        let jobs = &config.jobs;
+        assert_eq!(
+            jobs.profile_for(Some("x.Y"), Some("Z"), Some("chat")),
+            "llm"
+        );
+        assert_eq!(
+            jobs.profile_for(Some("demo.Classifier"), Some("Run"), None),
+            "classify"
+        );
+        assert_eq!(
+            jobs.profile_for(Some("x.Y"), Some("Z"), None),
+            DEFAULT_PROFILE
+        );
+        let llm = &jobs.profiles["llm"];
+        assert_eq!(
+            llm.first_message,
+            FirstMessage::Class {
+                class: "llm".into(),
+                tier: "batch".into()
+            }
+        );
+        assert_eq!(llm.idle_timeout, Some(Duration::from_secs(10)));
+        let classify = &jobs.profiles["classify"];
+        assert_eq!(
+            classify.first_message,
+            FirstMessage::After(Duration::from_millis(300))
+        );
+        assert_eq!(classify.idle_timeout, None);
+        assert_eq!(classify.max_duration, Some(Duration::from_secs(2)));
+        assert!(classify.idempotent);
+        assert_eq!(
+            classify.retry.retryable_codes,
+            [
+                Code::Unavailable,
+                Code::ResourceExhausted,
+                Code::DeadlineExceeded
+            ]
+        );
+        assert!(jobs.profiles.contains_key(DEFAULT_PROFILE));
+    }
+
+    #[test]
+    fn bad_profiles_name_their_key() {
+        for (doc, key) in [
+            ("[[routes]]\nprofile = \"nope\"", "routes[0].profile"),
+            (
+                "[profiles.a]\nfirst_message_timeout = \"1s\"\nmodel_class = \"llm\"",
+                "profiles.a.first_message_timeout",
+            ),
+            (
+                "[profiles.a.retry]\nretryable_codes = [\"SOMETIMES\"]",
+                "profiles.a.retry.retryable_codes",
+            ),
+            (
+                "[profiles.a.retry]\nmax_attempts = 0",
+                "profiles.a.retry.max_attempts",
+            ),
+            (
+                "[profiles.a]\nidle_timeout = \"soon\"",
+                "profiles.a.idle_timeout",
+            ),
+            ("[profiles.a]\nidel_timeout = \"1s\"", "idel_timeout"),
+            (
+                "[resilience]\nmax_concurrent_streams = 0",
+                "resilience.max_concurrent_streams",
+            ),
+            (
+                "[resilience.keepalive]\ninterval = \"1s\"",
+                "resilience.keepalive.interval",
             ),
         ] {
             let err = Config::from_toml(doc).expect_err(doc);

@@ -13,23 +13,30 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::time::Instant;
+
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use pnp_call::{Call, CallHead, Code, Reply, Status};
+use pnp_policy::deadline::{Deadline, DeadlineOffset};
+use pnp_policy::idle::{Direction, StreamClocks};
+use pnp_telemetry::{request_id, Metrics};
 use pnp_transport::{strip_request_headers, TransportError};
 use pnp_wire::content_type::{self, Protocol};
-use tokio::time::Instant;
+use tokio::time::Instant as TokioInstant;
 use tokio_util::sync::CancellationToken;
 use tower::util::BoxCloneSyncService;
-use tower::ServiceExt;
-
-use pnp_telemetry::{request_id, Metrics};
 use tracing::Instrument;
 
 use crate::abort::CallAbort;
-use crate::reply::{base_headers, Clocks, Encoding, Observer, ReplyBody};
-use crate::request::RequestMessages;
+use crate::admission::{Admission, Admitted};
+use crate::profiles::Profiles;
+use crate::reply::{
+    base_headers, clock_status, deadline_status, Clocks, Encoding, Observer, ReplyBody,
+};
+use crate::request::{RequestActivity, RequestMessages};
+use crate::resilience::GuardedUpstream;
 use crate::responder;
 use crate::site;
 
@@ -45,12 +52,15 @@ pub struct Ingress {
     inner: Arc<Inner>,
 }
 
-struct Inner {
-    transport: Transport,
-    transport_name: &'static str,
-    max_message_size: usize,
-    shutdown: CancellationToken,
-    metrics: Metrics,
+/// Everything the ingress needs to serve calls.
+pub(crate) struct Inner {
+    pub(crate) upstream: GuardedUpstream,
+    pub(crate) transport_name: &'static str,
+    pub(crate) max_message_size: usize,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) metrics: Metrics,
+    pub(crate) profiles: Profiles,
+    pub(crate) admission: Arc<Admission>,
 }
 
 impl std::fmt::Debug for Ingress {
@@ -62,23 +72,9 @@ impl std::fmt::Debug for Ingress {
 }
 
 impl Ingress {
-    /// An ingress that sends every call to `transport`. `shutdown` fires when the grace period
-    /// is over and in-flight streams must end.
-    pub fn new(
-        transport: Transport,
-        transport_name: &'static str,
-        max_message_size: usize,
-        shutdown: CancellationToken,
-        metrics: Metrics,
-    ) -> Self {
+    pub(crate) fn new(inner: Inner) -> Self {
         Self {
-            inner: Arc::new(Inner {
-                transport,
-                transport_name,
-                max_message_size,
-                shutdown,
-                metrics,
-            }),
+            inner: Arc::new(inner),
         }
     }
 }
@@ -131,7 +127,7 @@ struct Accepted {
 
 impl Inner {
     async fn handle(&self, request: Request<Incoming>) -> Response<ReplyBody> {
-        let received = Instant::now();
+        let arrival = Instant::now();
         let (mut parts, body) = request.into_parts();
         if let Some(page) = site::serve(&parts) {
             return page;
@@ -142,11 +138,10 @@ impl Inner {
         };
         let encoding = accepted.encoding;
         let subtype = accepted.subtype.clone();
-        let deadline = accepted.timeout.map(|t| received + t);
 
         let mut metadata = parts.headers;
         strip_request_headers(&mut metadata);
-        let path = match parts.uri.path().parse() {
+        let path: http::uri::PathAndQuery = match parts.uri.path().parse() {
             Ok(path) => path,
             Err(_) => {
                 return responder::trailers_only(
@@ -157,42 +152,19 @@ impl Inner {
                 )
             }
         };
-        let job = metadata.get(JOB_HEADER).and_then(|v| v.to_str().ok());
-        let recorder = self
-            .metrics
-            .call(parts.uri.path(), job, self.transport_name);
+        let job = metadata
+            .get(JOB_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let mut observer = Observer {
-            recorder,
+            recorder: self
+                .metrics
+                .call(path.path(), job.as_deref(), self.transport_name),
             metrics: self.metrics.clone(),
             span: tracing::Span::current(),
+            permit: None,
         };
-        let abort = CallAbort::default();
-        let messages = RequestMessages::new(
-            body,
-            accepted.protocol == Protocol::GrpcWebText,
-            self.max_message_size,
-            abort.clone(),
-            self.metrics.request_counters(self.transport_name),
-        );
-        let call = Call {
-            head: CallHead {
-                path,
-                subtype: accepted.subtype,
-                metadata,
-                // Forward what is left of the deadline, not what the client asked for.
-                timeout: deadline.map(|at| at.saturating_duration_since(Instant::now())),
-            },
-            messages: Box::pin(messages),
-        };
-
-        let reply = self.transport.clone().oneshot(call);
-        let sleep = async {
-            match deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        let mut fail = |status: Status| {
+        let fail = |observer: &mut Observer, status: Status| {
             observer.finish(&status);
             responder::trailers_only(
                 encoding,
@@ -201,33 +173,95 @@ impl Inner {
                 Some(self.transport_name),
             )
         };
-        let reply = tokio::select! {
-            reply = reply => reply,
-            () = abort.token().cancelled() => {
-                let status = abort.status().unwrap_or_else(|| Status::new(Code::Cancelled, "pnp: call aborted"));
-                return fail(status);
+
+        let (service, method) = split_path(path.path());
+        let policy = self.profiles.select(service, method, job.as_deref());
+        let degrade = match self.admission.admit(policy.degradable) {
+            Admitted::Yes { permit, degrade } => {
+                observer.permit = Some(permit);
+                degrade
             }
-            () = sleep => {
-                self.metrics.clock_expired("deadline");
-                return fail(Status::new(
-                Code::DeadlineExceeded,
-                "pnp: deadline exceeded (grpc-timeout) before the upstream answered",
-            ))
-            }
-            () = self.shutdown.cancelled() => return fail(Status::new(
-                Code::Unavailable,
-                "pnp is shutting down; retry on another instance",
-            )),
+            Admitted::No(status) => return fail(&mut observer, status),
         };
+        let deadline = Deadline::compute(
+            arrival,
+            accepted.timeout,
+            policy.max_duration,
+            &DeadlineOffset::default(),
+        );
+        let mut stream_clocks = StreamClocks::new(arrival, policy.first_message, policy.idle);
+        let activity = RequestActivity::new(arrival);
+
+        let abort = CallAbort::default();
+        let messages = RequestMessages::new(
+            body,
+            accepted.protocol == Protocol::GrpcWebText,
+            self.max_message_size,
+            abort.clone(),
+            self.metrics.request_counters(self.transport_name),
+            activity.clone(),
+        );
+        let head = CallHead {
+            path,
+            subtype: accepted.subtype,
+            metadata,
+            timeout: None,
+        };
+        let waiting = self.admission.waiting();
+        let reply = self.upstream.call(
+            head,
+            Box::pin(messages),
+            &policy,
+            deadline.map(|d| d.at),
+            job.as_deref(),
+            abort.clone(),
+        );
+        tokio::pin!(reply);
+        let reply = loop {
+            let wake = earliest(deadline.map(|d| d.at), stream_clocks.next_deadline());
+            let sleep = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(TokioInstant::from_std(at)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                reply = &mut reply => break reply,
+                () = abort.token().cancelled() => {
+                    let status = abort
+                        .status()
+                        .unwrap_or_else(|| Status::new(Code::Cancelled, "pnp: call aborted"));
+                    return fail(&mut observer, status);
+                }
+                () = sleep => {
+                    let now = Instant::now();
+                    if let Some(at) = activity.last() {
+                        stream_clocks.on_message(at, Direction::Request);
+                    }
+                    if let Some(deadline) = deadline.filter(|d| d.is_expired(now)) {
+                        self.metrics.clock_expired("deadline");
+                        return fail(&mut observer, deadline_status(&deadline, "before the upstream answered"));
+                    }
+                    if let Some(expired) = stream_clocks.poll(now) {
+                        return fail(&mut observer, clock_status(&self.metrics, &expired, &policy.name));
+                    }
+                }
+                () = self.shutdown.cancelled() => return fail(&mut observer, Status::new(
+                    Code::Unavailable,
+                    "pnp is shutting down; retry on another instance",
+                )),
+            }
+        };
+        drop(waiting);
         match reply {
             Err(err) => {
                 tracing::debug!(error = %err, blame = ?err.blame, "call failed before a reply");
                 // Bad request input resets the upstream stream, and the transport reports that
                 // reset (often in the same wake-up as the abort, so `select!` may pick either):
                 // the client must see what was wrong with its request, not the reset.
-                fail(abort.status().unwrap_or(*err.status))
+                fail(&mut observer, abort.status().unwrap_or(*err.status))
             }
-            Ok(Reply::TrailersOnly(status)) => fail(status),
+            Ok(Reply::TrailersOnly(status)) => fail(&mut observer, status),
             Ok(Reply::Stream { head, items }) => {
                 let subtype = head.subtype.as_deref().or(subtype.as_deref());
                 let mut response = Response::new(ReplyBody::streaming(
@@ -235,8 +269,12 @@ impl Inner {
                     items,
                     Clocks {
                         deadline,
+                        stream: stream_clocks,
+                        activity,
                         abort,
                         shutdown: self.shutdown.clone(),
+                        profile: policy.name.clone(),
+                        degrade,
                     },
                     observer,
                 ));
@@ -250,6 +288,21 @@ impl Inner {
                 response
             }
         }
+    }
+}
+
+/// `/package.Service/Method` split into its parts.
+fn split_path(path: &str) -> (Option<&str>, Option<&str>) {
+    match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
+        Some((service, method)) => (Some(service), Some(method)),
+        None => (None, None),
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

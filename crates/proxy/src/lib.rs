@@ -13,11 +13,15 @@
 
 mod abort;
 mod admin;
+mod admission;
 mod cors;
 pub mod ingress;
 mod listener;
+mod profiles;
+mod replay;
 pub mod reply;
 mod request;
+mod resilience;
 mod responder;
 mod site;
 mod tls;
@@ -42,6 +46,9 @@ pub enum StartError {
     /// The configuration names the demo upstream; the binary resolves it to a URL first.
     #[error("the upstream must be a URL here (start the demo upstream and pass its URL)")]
     UnresolvedUpstream,
+    /// A policy setting was refused.
+    #[error("configuration: {0}")]
+    Config(String),
     /// A file could not be read or a socket could not be bound.
     #[error("{what}: {source}")]
     Io {
@@ -93,11 +100,14 @@ impl Proxy {
             ),
             None => None,
         };
+        let upstream_name = upstream.to_string();
         let transport = Http2Transport::new(Http2Options {
             upstream,
             extra_roots_pem,
             connect_timeout: config.upstream.connect_timeout,
             max_message_size: config.limits.max_message_size,
+            keepalive_interval: config.resilience.keepalive_interval,
+            keepalive_timeout: config.resilience.keepalive_timeout,
         })
         .map_err(io_err("configuring the upstream".into()))?;
         let tls = match &config.listener.tls {
@@ -112,13 +122,27 @@ impl Proxy {
         let stop_accepting = CancellationToken::new();
         let health = Arc::new(Health::default());
         let metrics = Metrics::new();
-        let ingress = Ingress::new(
-            tower::util::BoxCloneSyncService::new(transport),
-            "h2",
-            config.limits.max_message_size,
-            end_streams.clone(),
-            metrics.clone(),
+        let profiles = profiles::Profiles::new(&config.jobs).map_err(StartError::Config)?;
+        let admission = Arc::new(
+            admission::Admission::new(&config.resilience, metrics.clone())
+                .map_err(StartError::Config)?,
         );
+        let upstream = resilience::GuardedUpstream::new(
+            tower::util::BoxCloneSyncService::new(transport),
+            upstream_name.trim_end_matches('/').to_owned(),
+            &config.resilience,
+            metrics.clone(),
+        )
+        .map_err(StartError::Config)?;
+        let ingress = Ingress::new(ingress::Inner {
+            upstream,
+            transport_name: "h2",
+            max_message_size: config.limits.max_message_size,
+            shutdown: end_streams.clone(),
+            metrics: metrics.clone(),
+            profiles,
+            admission,
+        });
         let service = tower::ServiceBuilder::new()
             .layer(cors::layer(&config.cors))
             .service(ingress);

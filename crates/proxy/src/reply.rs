@@ -18,12 +18,21 @@ use http_body::{Body, Frame, SizeHint};
 use pnp_call::{BoxReplyStream, GuardEvent, ReplyGuard, ReplyItem, Status};
 use pnp_wire::frame::FrameBuf;
 use pnp_wire::{text, trailers};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use std::time::Instant;
+
+use bytes::BytesMut;
+use pnp_call::Code;
+use pnp_policy::deadline::{Deadline, DeadlineSource};
+use pnp_policy::idle::{ClockKind, Direction, Expired, StreamClocks};
 use pnp_telemetry::{CallRecorder, Metrics};
+use tokio::time::Instant as TokioInstant;
 
 use crate::abort::CallAbort;
+use crate::admission::Permit;
+use crate::request::RequestActivity;
 
 /// How replies are written to this client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,12 +86,50 @@ impl Encoding {
 
 /// Why the proxy ends a call by itself.
 pub(crate) struct Clocks {
-    /// The call's deadline from `grpc-timeout`.
-    pub(crate) deadline: Option<Instant>,
+    /// The total deadline: `grpc-timeout` (less a small offset) or the profile's cap.
+    pub(crate) deadline: Option<Deadline>,
+    /// First-message and idle clocks.
+    pub(crate) stream: StreamClocks,
+    /// When the client last sent a message (resets the idle clock).
+    pub(crate) activity: RequestActivity,
     /// Request-side failures.
     pub(crate) abort: CallAbort,
     /// The end of the shutdown grace period.
     pub(crate) shutdown: CancellationToken,
+    /// The profile's name, for messages.
+    pub(crate) profile: String,
+    /// Answer with one buffered reply instead of a stream (load shedding).
+    pub(crate) degrade: bool,
+}
+
+/// The status for an expired total deadline.
+pub(crate) fn deadline_status(deadline: &Deadline, when: &str) -> Status {
+    let message = match deadline.source {
+        DeadlineSource::Client => {
+            format!("pnp: deadline exceeded (grpc-timeout) {when}")
+        }
+        DeadlineSource::Profile => format!(
+            "pnp: deadline exceeded (profile cap of {} ms) {when}",
+            deadline.budget.as_millis()
+        ),
+    };
+    Status::new(Code::DeadlineExceeded, message)
+}
+
+/// The status for an expired stream clock; counts the expiry.
+pub(crate) fn clock_status(metrics: &Metrics, expired: &Expired, profile: &str) -> Status {
+    let (clock, text) = match expired.clock {
+        ClockKind::FirstMessage => ("first_message", "no response message within"),
+        ClockKind::Idle => ("idle", "stream idle (no message either way) for"),
+    };
+    metrics.clock_expired(clock);
+    Status::new(
+        Code::Unavailable,
+        format!(
+            "pnp: {text} {} ms ({clock} timeout of profile {profile})",
+            expired.limit.as_millis()
+        ),
+    )
 }
 
 /// What the reply driver reports to: the call's metrics and span.
@@ -90,6 +137,8 @@ pub(crate) struct Observer {
     pub(crate) recorder: CallRecorder,
     pub(crate) metrics: Metrics,
     pub(crate) span: tracing::Span,
+    /// The call's place inside the admission limit; released when the observer goes.
+    pub(crate) permit: Option<Permit>,
 }
 
 impl Observer {
@@ -102,6 +151,9 @@ impl Observer {
     /// The call ended with `status`.
     pub(crate) fn finish(&mut self, status: &Status) {
         let code = status.code.as_i32();
+        if let Some(permit) = &self.permit {
+            permit.record(self.recorder.elapsed());
+        }
         self.recorder.finish(code);
         self.span.record("grpc_status", code);
         tracing::info!(
@@ -136,7 +188,17 @@ struct Streaming {
     encoding: Encoding,
     items: Option<BoxReplyStream>,
     guard: ReplyGuard,
-    deadline: Option<Pin<Box<Sleep>>>,
+    deadline: Option<Deadline>,
+    stream_clocks: StreamClocks,
+    activity: RequestActivity,
+    /// Armed at the earliest of the deadline and the stream clocks; re-armed lazily when it
+    /// fires (messages only ever push the clocks later).
+    timer: Option<Pin<Box<Sleep>>>,
+    profile: String,
+    /// Degraded call: messages gathered here and sent as one reply with the status.
+    buffer: Option<BytesMut>,
+    /// A frame waiting its turn (the status after a buffered reply).
+    pending: Option<Frame<FrameBuf>>,
     abort: CallAbort,
     aborted: Pin<Box<WaitForCancellationFutureOwned>>,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -165,14 +227,20 @@ impl ReplyBody {
         observer: Observer,
     ) -> Self {
         let aborted = Box::pin(clocks.abort.token().clone().cancelled_owned());
+        let wake = earliest(clocks.deadline.map(|d| d.at), clocks.stream.next_deadline());
         Self {
             state: State::Streaming(Box::new(Streaming {
                 encoding,
                 items: Some(items),
                 guard: ReplyGuard::new(),
-                deadline: clocks
-                    .deadline
-                    .map(|at| Box::pin(tokio::time::sleep_until(at))),
+                deadline: clocks.deadline,
+                stream_clocks: clocks.stream,
+                activity: clocks.activity,
+                timer: wake
+                    .map(|at| Box::pin(tokio::time::sleep_until(TokioInstant::from_std(at)))),
+                profile: clocks.profile,
+                buffer: clocks.degrade.then(BytesMut::new),
+                pending: None,
                 abort: clocks.abort,
                 aborted,
                 shutdown: Box::pin(clocks.shutdown.cancelled_owned()),
@@ -187,11 +255,58 @@ impl Streaming {
     fn end(&mut self, status: Status) -> Option<Frame<FrameBuf>> {
         self.items = None;
         let status = self.guard.abort(status)?;
-        self.observer.finish(&status);
-        Some(self.encoding.status(&status))
+        Some(self.final_frame(&status))
+    }
+
+    /// The frame that carries the final status, behind the buffered reply if there is one.
+    fn final_frame(&mut self, status: &Status) -> Frame<FrameBuf> {
+        self.observer.finish(status);
+        let status_frame = self.encoding.status(status);
+        match self.buffer.take() {
+            Some(buffer) if !buffer.is_empty() => {
+                self.pending = Some(status_frame);
+                Frame::data(FrameBuf::raw(buffer.freeze()))
+            }
+            _ => status_frame,
+        }
+    }
+
+    /// Run the clocks that are due. `Some(status)` when one of them ends the call.
+    fn poll_clocks(&mut self, cx: &mut Context<'_>) -> Option<Status> {
+        while let Some(timer) = self.timer.as_mut() {
+            if timer.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+            let now = Instant::now();
+            if let Some(at) = self.activity.last() {
+                self.stream_clocks.on_message(at, Direction::Request);
+            }
+            if let Some(deadline) = self.deadline.filter(|d| d.is_expired(now)) {
+                self.observer.metrics.clock_expired("deadline");
+                return Some(deadline_status(&deadline, "while streaming"));
+            }
+            if let Some(expired) = self.stream_clocks.poll(now) {
+                return Some(clock_status(
+                    &self.observer.metrics,
+                    &expired,
+                    &self.profile,
+                ));
+            }
+            match earliest(
+                self.deadline.map(|d| d.at),
+                self.stream_clocks.next_deadline(),
+            ) {
+                Some(at) => timer.as_mut().reset(TokioInstant::from_std(at)),
+                None => self.timer = None,
+            }
+        }
+        None
     }
 
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Frame<FrameBuf>>> {
+        if let Some(frame) = self.pending.take() {
+            return Poll::Ready(Some(frame));
+        }
         if self.guard.is_finished() {
             return Poll::Ready(None);
         }
@@ -208,14 +323,8 @@ impl Streaming {
                 "pnp is shutting down; retry on another instance",
             )));
         }
-        if let Some(deadline) = self.deadline.as_mut() {
-            if deadline.as_mut().poll(cx).is_ready() {
-                self.observer.metrics.clock_expired("deadline");
-                return Poll::Ready(self.end(Status::new(
-                    pnp_call::Code::DeadlineExceeded,
-                    "pnp: deadline exceeded (grpc-timeout) while waiting for the upstream",
-                )));
-            }
+        if let Some(status) = self.poll_clocks(cx) {
+            return Poll::Ready(self.end(status));
         }
         let Some(items) = self.items.as_mut() else {
             return Poll::Ready(None);
@@ -227,14 +336,22 @@ impl Streaming {
         match self.guard.on_item(item) {
             GuardEvent::Deliver(ReplyItem::Message(message)) => {
                 self.observer.message(message.data.len());
-                Poll::Ready(Some(Frame::data(
-                    self.encoding.message(message.compressed, message.data),
-                )))
+                self.stream_clocks
+                    .on_message(Instant::now(), Direction::Response);
+                let frame = self.encoding.message(message.compressed, message.data);
+                match self.buffer.as_mut() {
+                    None => Poll::Ready(Some(Frame::data(frame))),
+                    Some(buffer) => {
+                        // Degraded: keep it for the single reply, and look for the next item.
+                        buffer.extend_from_slice(&frame.to_bytes());
+                        cx.waker().wake_by_ref();
+                        Poll::Pending
+                    }
+                }
             }
             GuardEvent::Deliver(ReplyItem::Status(status)) => {
                 self.items = None;
-                self.observer.finish(&status);
-                Poll::Ready(Some(self.encoding.status(&status)))
+                Poll::Ready(Some(self.final_frame(&status)))
             }
             GuardEvent::Done => Poll::Ready(None),
         }
@@ -289,4 +406,11 @@ pub(crate) fn base_headers(encoding: Encoding, subtype: Option<&str>) -> HeaderM
         headers.insert(http::header::CONTENT_TYPE, value);
     }
     headers
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }

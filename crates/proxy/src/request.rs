@@ -1,7 +1,10 @@
 //! Request bodies as a stream of messages.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_core::Stream;
@@ -19,12 +22,45 @@ use crate::abort::CallAbort;
 /// status goes to the reply driver through [`CallAbort`] (so the client sees *this* status, not
 /// the upstream reset it causes) and the stream yields an error, which resets the upstream stream.
 pub(crate) struct RequestMessages {
-    body: Incoming,
+    /// `None` only once dropped (the rest of the body went to [`drain`]).
+    body: Option<Incoming>,
     text: Option<Base64Decoder>,
     decoder: FrameDecoder,
     abort: CallAbort,
     done: bool,
     counters: (Counter, Counter),
+    activity: RequestActivity,
+}
+
+/// When the client last sent a message, shared with the clocks that reset on it (the idle clock
+/// counts messages in either direction). A lock-free cell: one store per request message.
+#[derive(Clone, Debug)]
+pub(crate) struct RequestActivity {
+    origin: Instant,
+    /// Nanoseconds after `origin`, plus one; 0 = no message yet.
+    last: Arc<AtomicU64>,
+}
+
+impl RequestActivity {
+    pub(crate) fn new(origin: Instant) -> Self {
+        Self {
+            origin,
+            last: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        let nanos = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        self.last.store(nanos + 1, Ordering::Release);
+    }
+
+    /// When the last request message arrived, if any did.
+    pub(crate) fn last(&self) -> Option<Instant> {
+        match self.last.load(Ordering::Acquire) {
+            0 => None,
+            n => self.origin.checked_add(Duration::from_nanos(n - 1)),
+        }
+    }
 }
 
 impl RequestMessages {
@@ -34,14 +70,16 @@ impl RequestMessages {
         max_message_size: usize,
         abort: CallAbort,
         counters: (Counter, Counter),
+        activity: RequestActivity,
     ) -> Self {
         Self {
-            body,
+            body: Some(body),
             text: text.then(Base64Decoder::new),
             decoder: FrameDecoder::new(FrameKind::Grpc, max_message_size),
             abort,
             done: false,
             counters,
+            activity,
         }
     }
 
@@ -92,6 +130,7 @@ impl Stream for RequestMessages {
             match this.decoder.next_frame() {
                 Ok(Some(Frame::Message { compressed, data })) => {
                     this.counters.0.inc();
+                    this.activity.touch();
                     this.counters.1.inc_by(data.len() as u64);
                     return Poll::Ready(Some(Ok(Message { compressed, data })));
                 }
@@ -104,7 +143,10 @@ impl Stream for RequestMessages {
                 Ok(None) => {}
                 Err(e) => return this.fail(frame_status(&e)),
             }
-            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+            let Some(body) = this.body.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match ready!(Pin::new(body).poll_frame(cx)) {
                 Some(Ok(frame)) => {
                     let Ok(data) = frame.into_data() else {
                         // HTTP/2 request trailers carry nothing for gRPC.
@@ -140,4 +182,43 @@ impl Stream for RequestMessages {
             }
         }
     }
+}
+
+/// How much of an unread request body [`drain`] reads before giving up.
+const DRAIN_LIMIT_BYTES: usize = 64 * 1024;
+/// How long [`drain`] waits for the rest of a request body.
+const DRAIN_LIMIT_TIME: std::time::Duration = std::time::Duration::from_millis(500);
+
+impl Drop for RequestMessages {
+    fn drop(&mut self) {
+        let Some(body) = self.body.take() else {
+            return;
+        };
+        if self.done || body.is_end_stream() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(drain(body));
+        }
+    }
+}
+
+/// Reads and discards the rest of a request body whose call has ended (say the upstream
+/// answered UNIMPLEMENTED before reading it). hyper closes an HTTP/1.1 connection whose request
+/// body was dropped unread, and a client that sends the body after the head (Node's http
+/// module, so connect-node and grpc-web under Node) then fails with EPIPE although its reply
+/// was complete. Bounded in bytes and time, so a large or endless upload is still cut off.
+async fn drain(mut body: Incoming) {
+    let read = async {
+        let mut read = 0usize;
+        while let Some(Ok(frame)) =
+            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
+            read = read.saturating_add(frame.data_ref().map_or(0, |d| d.len()));
+            if read > DRAIN_LIMIT_BYTES {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_LIMIT_TIME, read).await;
 }

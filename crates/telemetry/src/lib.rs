@@ -18,4 +18,6 @@ mod subscriber;
 pub use metrics::{CallRecorder, Direction, Metrics, CALL_BUCKETS, MESSAGE_TIME_BUCKETS};
 /// A monotonic counter handle (cheap to clone, shared with its series).
 pub use prometheus_client::metrics::counter::Counter;
+/// A gauge handle (cheap to clone, shared with its series).
+pub use prometheus_client::metrics::gauge::Gauge;
 pub use subscriber::{init_tracing, init_tracing_with, LogFormat, TracingGuard, TracingOptions};

@@ -104,6 +104,23 @@ struct ClockLabels {
     clock: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    method: Label,
+    job: Label,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShedLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: Label,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn message_time_histogram() -> Histogram {
@@ -131,6 +148,11 @@ struct Inner {
     messages: Family<FlowLabels, Counter<u64, AtomicU64>>,
     bytes: Family<FlowLabels, Counter<u64, AtomicU64>>,
     clock_expiries: Family<ClockLabels, Counter>,
+    retries: Family<RetryLabels, Counter>,
+    retry_tokens: Gauge<f64, AtomicU64>,
+    shed: Family<ShedLabels, Counter>,
+    breaker_state: Family<UpstreamLabels, Gauge>,
+    queue_depth: Gauge,
     methods: BoundedValues,
     jobs: BoundedValues,
 }
@@ -196,6 +218,36 @@ impl Metrics {
             "Calls ended by one of pnp's clocks, by clock",
             clock_expiries.clone(),
         );
+        let retries = Family::default();
+        registry.register(
+            "retries",
+            "Retry attempts made, by method, job and the status that caused them",
+            retries.clone(),
+        );
+        let retry_tokens = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "retry_budget_tokens",
+            "Retry throttle tokens left (gRFC A6); retries stop at half the bucket",
+            retry_tokens.clone(),
+        );
+        let shed = Family::default();
+        registry.register(
+            "shed",
+            "Calls shed or degraded, by reason (concurrency, queue, slo_degrade)",
+            shed.clone(),
+        );
+        let breaker_state = Family::default();
+        registry.register(
+            "breaker_state",
+            "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open",
+            breaker_state.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "queue_depth",
+            "Calls waiting for upstream response headers",
+            queue_depth.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -207,6 +259,11 @@ impl Metrics {
                 messages,
                 bytes,
                 clock_expiries,
+                retries,
+                retry_tokens,
+                shed,
+                breaker_state,
+                queue_depth,
                 methods: BoundedValues::new(METHOD_LIMIT),
                 jobs: BoundedValues::new(JOB_LIMIT),
             }),
@@ -265,6 +322,45 @@ impl Metrics {
             self.inner.messages.get_or_create(&labels).clone(),
             self.inner.bytes.get_or_create(&labels).clone(),
         )
+    }
+
+    /// A retry attempt of a call on `path` is about to be made because of `reason` (the
+    /// previous attempt's status, e.g. `unavailable`, or `unprocessed`).
+    pub fn retry(&self, path: &str, job: Option<&str>, reason: &'static str) {
+        let inner = &self.inner;
+        inner
+            .retries
+            .get_or_create(&RetryLabels {
+                method: Label(inner.methods.get(path)),
+                job: Label(inner.jobs.get(job.unwrap_or("none"))),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Retry throttle tokens left.
+    pub fn set_retry_tokens(&self, tokens: f64) {
+        self.inner.retry_tokens.set(tokens);
+    }
+
+    /// A call was shed or degraded for `reason`.
+    pub fn shed(&self, reason: &'static str) {
+        self.inner.shed.get_or_create(&ShedLabels { reason }).inc();
+    }
+
+    /// The breaker of `upstream` is now in `state` (0 closed, 1 half-open, 2 open).
+    pub fn set_breaker_state(&self, upstream: &str, state: i64) {
+        self.inner
+            .breaker_state
+            .get_or_create(&UpstreamLabels {
+                upstream: Label(Arc::from(upstream)),
+            })
+            .set(state);
+    }
+
+    /// The gauge of calls waiting for upstream response headers.
+    pub fn queue_depth(&self) -> Gauge {
+        self.inner.queue_depth.clone()
     }
 
     /// One of pnp's clocks ended a call.

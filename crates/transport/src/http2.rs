@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use pnp_call::{Call, Code, Message, Reply, ReplyItem, ResponseHead, Status};
 use pnp_wire::content_type::{self, Protocol};
 use pnp_wire::frame::{Frame as WireFrame, FrameBuf, FrameDecoder, FrameKind};
@@ -43,6 +43,12 @@ pub struct Http2Options {
     pub connect_timeout: Duration,
     /// Largest response message accepted.
     pub max_message_size: usize,
+    /// HTTP/2 PING interval. Pings go out only while streams are open (never on an idle
+    /// connection), so a gRPC server's keepalive enforcement (gRFC A8: by default no more than
+    /// one ping per 5 minutes without data) is never tripped by an idle pool.
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
 }
 
 /// The HTTP/2 egress transport: a cloneable [`tower::Service`] over the call model.
@@ -125,6 +131,14 @@ impl Http2Transport {
             .wrap_connector(http);
 
         let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            // An idle pooled connection is closed after this; one with a stream in flight is
+            // never idle, whatever its age.
+            .pool_idle_timeout(Duration::from_secs(90))
+            .http2_keep_alive_interval(Some(options.keepalive_interval))
+            .http2_keep_alive_timeout(options.keepalive_timeout)
+            .http2_keep_alive_while_idle(false)
             .http2_only(true)
             .http2_adaptive_window(false)
             .http2_initial_stream_window_size(Some(1 << 20))
