@@ -61,6 +61,26 @@ struct ServeArgs {
     /// Grace period for in-flight streams on SIGTERM/SIGINT, e.g. 30s.
     #[arg(long, value_parser = humantime_duration)]
     grace_period: Option<Duration>,
+    /// Calls in flight before new ones are shed with RESOURCE_EXHAUSTED.
+    #[arg(long)]
+    max_concurrent_streams: Option<usize>,
+    /// Longest silence between messages of a flowing stream (default profile), e.g. 30s, or `off`.
+    #[arg(long, value_parser = optional_duration)]
+    stream_idle_timeout: Option<OptionalDuration>,
+    /// Longest wait for the first response message (default profile), e.g. 30s, or `off`.
+    #[arg(long, value_parser = optional_duration)]
+    first_message_timeout: Option<OptionalDuration>,
+}
+
+/// A duration flag that also takes `off`.
+#[derive(Clone, Copy, Debug)]
+struct OptionalDuration(Option<Duration>);
+
+fn optional_duration(text: &str) -> Result<OptionalDuration, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(OptionalDuration(None));
+    }
+    humantime_duration(text).map(|d| OptionalDuration(Some(d)))
 }
 
 fn humantime_duration(text: &str) -> Result<Duration, String> {
@@ -113,6 +133,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(grace) = args.grace_period {
         config.shutdown.grace_period = grace;
+    }
+    if let Some(limit) = args.max_concurrent_streams {
+        anyhow::ensure!(limit > 0, "--max-concurrent-streams must be at least 1");
+        config.resilience.max_concurrent_streams = limit;
+    }
+    if let Some(OptionalDuration(idle)) = args.stream_idle_timeout {
+        config.jobs.default_profile_mut().idle_timeout = idle;
+    }
+    if let Some(OptionalDuration(first)) = args.first_message_timeout {
+        config.jobs.default_profile_mut().first_message = match first {
+            Some(d) => pnp_config::FirstMessage::After(d),
+            None => pnp_config::FirstMessage::Off,
+        };
     }
 
     // The demo upstreams run in this process on a loopback port the OS picks.

@@ -153,7 +153,20 @@ impl Proxy {
         let local_addr = tcp
             .local_addr()
             .map_err(io_err("reading the listen address".into()))?;
-        let listener = tokio::spawn(listener::serve(tcp, tls, service, stop_accepting.clone()));
+        let header_clock = Arc::new(
+            listener::HeaderClock::new(
+                config.resilience.header_read_min,
+                config.resilience.header_read_max,
+            )
+            .map_err(StartError::Config)?,
+        );
+        let listener = tokio::spawn(listener::serve(
+            tcp,
+            tls,
+            service,
+            stop_accepting.clone(),
+            header_clock,
+        ));
 
         let (admin_addr, admin) = match config.admin {
             Some(addr) => {

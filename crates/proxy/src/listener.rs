@@ -1,8 +1,9 @@
 //! The data-plane accept loop: one port for HTTP/1.1 and HTTP/2 (prior knowledge or ALPN).
 
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -10,6 +11,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use pnp_policy::header_timeout::{HeaderTimeout, HeaderTimeoutConfig, LoadMeter};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -18,8 +20,8 @@ use crate::reply::ReplyBody;
 
 /// How long a client may take to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an HTTP/1.1 client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the adaptive header-read timeout is recomputed.
+const HEADER_CLOCK_TICK: Duration = Duration::from_secs(1);
 /// Concurrent streams per HTTP/2 connection. Browsers open at most ~100; gRPC clients multiplex
 /// many token streams over one connection.
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
@@ -43,11 +45,104 @@ impl Drain {
     }
 }
 
+/// The header-read clock: how long an HTTP/1.1 client may take to send its request headers,
+/// adapted to load (`pnp_policy::header_timeout`): shorter when many connections arrive (shed
+/// slow clients), longer when headers take longer to arrive, clamped and smoothed. Its inputs:
+/// new connections per second, and the time from accept to the first request head.
+#[derive(Debug)]
+pub(crate) struct HeaderClock {
+    state: Mutex<HeaderState>,
+}
+
+#[derive(Debug)]
+struct HeaderState {
+    timeout: HeaderTimeout,
+    meter: LoadMeter,
+    last_update: Instant,
+}
+
+impl HeaderClock {
+    pub(crate) fn new(min: Duration, max: Duration) -> Result<Self, String> {
+        let defaults = HeaderTimeoutConfig::default();
+        let timeout = HeaderTimeout::new(HeaderTimeoutConfig {
+            min,
+            max,
+            base: defaults.base.clamp(min, max),
+            ..defaults
+        })
+        .map_err(|e| format!("resilience.header_read: {e}"))?;
+        let now = Instant::now();
+        Ok(Self {
+            state: Mutex::new(HeaderState {
+                timeout,
+                meter: LoadMeter::new(now),
+                last_update: now,
+            }),
+        })
+    }
+
+    /// The timeout for a connection accepted now.
+    pub(crate) fn current(&self) -> Duration {
+        let Ok(mut state) = self.state.lock() else {
+            return Duration::from_secs(30);
+        };
+        let now = Instant::now();
+        if now.duration_since(state.last_update) >= HEADER_CLOCK_TICK {
+            if let Some(load) = state.meter.take(now) {
+                let updated = state.timeout.update(now, load);
+                tracing::trace!(?updated, qps = load.qps, rt = ?load.header_rt, "header-read timeout");
+            }
+            state.last_update = now;
+        }
+        state.timeout.current()
+    }
+
+    /// A connection's first request head arrived `rt` after the connection was accepted.
+    fn record(&self, rt: Duration) {
+        if let Ok(mut state) = self.state.lock() {
+            state.meter.record(rt);
+        }
+    }
+}
+
+/// Records the first request of a connection with the header clock.
+#[derive(Clone)]
+struct FirstRequest<S> {
+    inner: S,
+    accepted: Instant,
+    seen: Arc<AtomicBool>,
+    clock: Arc<HeaderClock>,
+}
+
+impl<S, B> tower::Service<Request<B>> for FirstRequest<S>
+where
+    S: tower::Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if !self.seen.swap(true, Ordering::AcqRel) {
+            self.clock.record(self.accepted.elapsed());
+        }
+        self.inner.call(request)
+    }
+}
+
 pub(crate) async fn serve<S>(
     tcp: TcpListener,
     tls: Option<TlsAcceptor>,
     service: S,
     stop: CancellationToken,
+    header_clock: Arc<HeaderClock>,
 ) -> Drain
 where
     S: tower::Service<Request<Incoming>, Response = Response<ReplyBody>, Error = Infallible>
@@ -57,17 +152,6 @@ where
     S::Future: Send + 'static,
 {
     let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
-    let builder = Arc::new(builder);
-
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -86,8 +170,13 @@ where
             tracing::debug!(error = %e, "set_nodelay failed");
         }
         let watcher = graceful.watcher();
-        let builder = builder.clone();
-        let service = TowerToHyperService::new(service.clone());
+        let builder = connection_builder(header_clock.current());
+        let service = TowerToHyperService::new(FirstRequest {
+            inner: service.clone(),
+            accepted: Instant::now(),
+            seen: Arc::new(AtomicBool::new(false)),
+            clock: header_clock.clone(),
+        });
         let tls = tls.clone();
         tokio::spawn(async move {
             let result = match tls {
@@ -120,4 +209,18 @@ where
         });
     }
     Drain { graceful }
+}
+
+/// Connection settings; the header-read timeout is the clock's value when it was accepted.
+fn connection_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    builder
 }
