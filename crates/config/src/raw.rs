@@ -743,12 +743,35 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_profile_example_parses() {
+        let readme = include_str!("../../../README.md");
+        let section = readme
+            .split("## Streaming resilience")
+            .nth(1)
+            .expect("README has the resilience section");
+        let block = section
+            .split("```toml")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("the section has a toml block");
+        let config = Config::from_toml(block).expect("the README example parses");
+        assert_eq!(config.jobs.profile_for(None, None, Some("chat")), "chat");
+        assert_eq!(
+            config.jobs.profile_for(Some("demo.Classifier"), Some("Run"), None),
+            "classify"
+        );
+    }
+
+    #[test]
     fn the_shipped_example_parses() {
         let config = Config::from_toml(include_str!("../../../deploy/pnp.example.toml"))
             .expect("deploy/pnp.example.toml parses");
         assert_eq!(config.admin, Some("127.0.0.1:9901".parse().expect("addr")));
         assert_eq!(config.cors.expose_headers, ["x-request-id"]);
         assert!(matches!(config.upstream.target, UpstreamTarget::Url(_)));
+        assert_eq!(config.resilience, Resilience::default());
+        assert_eq!(config.jobs.profiles[DEFAULT_PROFILE], Profile::default());
+        assert_eq!(config.jobs.profile_for(None, None, Some("chat")), "chat");
     }
 
     #[test]
