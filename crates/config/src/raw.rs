@@ -757,7 +757,9 @@ mod tests {
         let config = Config::from_toml(block).expect("the README example parses");
         assert_eq!(config.jobs.profile_for(None, None, Some("chat")), "chat");
         assert_eq!(
-            config.jobs.profile_for(Some("demo.Classifier"), Some("Run"), None),
+            config
+                .jobs
+                .profile_for(Some("demo.Classifier"), Some("Run"), None),
             "classify"
         );
     }
