@@ -7,6 +7,7 @@
 //! bug in the checker. It is strict and panics (failing the test) on any framing violation.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod channels;
 pub mod faults;
 pub mod interop;

@@ -11,9 +11,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use pnp_demo::pb::llm::GenerateRequest;
+use pnp_interop_tests::admin::{sample, scrape_metrics};
 use pnp_interop_tests::interop::encode;
 use pnp_interop_tests::{Mode, RawClient, Stack};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// A gRPC upstream that records the headers of every request and answers Trailers-Only OK.
@@ -65,32 +65,6 @@ impl Drop for HeaderRecorder {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-async fn scrape(admin: SocketAddr) -> String {
-    let mut stream = tokio::net::TcpStream::connect(admin)
-        .await
-        .expect("connect admin");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: pnp\r\nconnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    assert!(
-        response.contains("application/openmetrics-text"),
-        "{response}"
-    );
-    response
-}
-
-/// The value of the sample line that starts with `series` (name and labels, exactly).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
 }
 
 #[tokio::test]
@@ -180,7 +154,7 @@ async fn metrics_count_calls_by_status_after_an_interop_run() {
             .await;
         assert_eq!(reply.grpc_status(), Some(12));
     }
-    let text = scrape(admin).await;
+    let text = scrape_metrics(admin).await;
     let ok = sample(
         &text,
         r#"pnp_calls_total{method="/grpc.testing.TestService/EmptyCall",job="chat",transport="h2",grpc_status="0"}"#,
@@ -241,7 +215,7 @@ async fn the_first_message_histogram_reflects_the_models_delay() {
     assert_eq!(reply.grpc_status(), Some(0));
     assert_eq!(reply.messages.len(), 3);
 
-    let text = scrape(admin).await;
+    let text = scrape_metrics(admin).await;
     let labels = r#"method="/demo.llm.v1.Generator/Generate",job="none""#;
     let count = sample(
         &text,

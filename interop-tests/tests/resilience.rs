@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use pnp_config::{Config, FirstMessage, Profile, Route};
 use pnp_demo::pb::llm::GenerateRequest;
+use pnp_interop_tests::admin::scrape_metrics;
 use pnp_interop_tests::faults::{Fault, FaultyUpstream};
 use pnp_interop_tests::interop::{encode, EMPTY_CALL, GENERATE};
 use pnp_interop_tests::stack::upstream_url;
@@ -517,7 +518,7 @@ async fn the_breaker_opens_probes_and_closes() {
     assert_eq!(upstream.requests(), 3, "an open circuit let a call through");
     let admin = proxy.admin_addr().expect("admin");
     assert!(
-        scrape(admin)
+        scrape_metrics(admin)
             .await
             .contains("pnp_breaker_state{upstream=\"http://"),
         "breaker gauge"
@@ -588,7 +589,7 @@ async fn retries_of_unprocessed_calls_are_made_and_counted() {
         .call(EMPTY_CALL, &[], &[b""])
         .await;
     assert_eq!(reply.grpc_status(), Some(UNAVAILABLE));
-    let text = scrape(proxy.admin_addr().expect("admin")).await;
+    let text = scrape_metrics(proxy.admin_addr().expect("admin")).await;
     let retries: f64 = text
         .lines()
         .filter(|l| l.starts_with("pnp_retries_total{") && l.contains("reason=\"unprocessed\""))
@@ -623,22 +624,8 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     );
 }
 
-async fn scrape(admin: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(admin)
-        .await
-        .expect("connect");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: pnp\r\nconnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.expect("read");
-    text
-}
-
 async fn breaker_gauge(admin: SocketAddr) -> Option<f64> {
-    scrape(admin)
+    scrape_metrics(admin)
         .await
         .lines()
         .find(|l| l.starts_with("pnp_breaker_state{"))
