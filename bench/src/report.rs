@@ -1,0 +1,454 @@
+//! The markdown report: one table per scenario (peers side by side, pnp/Envoy ratio), the
+//! targets of issue #6 with what was measured, and the machine.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::client::Protocol;
+use crate::peers::PeerKind;
+use crate::runner::{Median, Results};
+use crate::scenarios::Scenario;
+
+/// Metrics shown per scenario (variant prefix, metrics).
+fn metrics_for(scenario: Scenario, variant: &str) -> &'static [&'static str] {
+    match scenario {
+        Scenario::S1 if variant == "c1" => &[
+            "p50_us",
+            "p99_us",
+            "p999_us",
+            "added_p50_us",
+            "cpu_us_per_op",
+        ],
+        Scenario::S1 if variant.starts_with("open") => &[
+            "p50_us",
+            "p90_us",
+            "p99_us",
+            "p999_us",
+            "added_p50_us",
+            "cpu_us_per_op",
+            "errors",
+        ],
+        Scenario::S1 => &[
+            "calls_per_s",
+            "cpu_us_per_op",
+            "p50_us",
+            "p99_us",
+            "peak_rss_mb",
+            "errors",
+        ],
+        Scenario::S2 => &[
+            "ttfm_p50_us",
+            "ttfm_p99_us",
+            "delay_p50_us",
+            "delay_p99_us",
+            "added_delay_p50_us",
+            "added_delay_p99_us",
+            "cpu_us_per_op",
+            "msgs_per_s",
+            "peak_rss_mb",
+            "broken_streams",
+        ],
+        Scenario::S3 => &[
+            "msgs_per_s",
+            "cpu_us_per_op",
+            "peak_rss_mb",
+            "broken_streams",
+        ],
+        Scenario::S4 => &[
+            "streams_per_s",
+            "cpu_us_per_op",
+            "open_p50_us",
+            "open_p99_us",
+            "errors",
+        ],
+        Scenario::S5 => &[
+            "rss_per_stream_kb",
+            "rss_mb",
+            "open_all_s",
+            "first_message_p50_us",
+            "first_message_p99_us",
+            "cpu_us_per_op",
+        ],
+        Scenario::S6 => &["gib_per_s", "gib_per_cpu_s", "peak_rss_mb", "cpu_s"],
+        Scenario::S7 => &[
+            "p50_us",
+            "p99_us",
+            "p999_us",
+            "added_p50_us",
+            "background_msgs_per_s",
+        ],
+    }
+}
+
+/// What a metric means, for the legend.
+fn describe(metric: &str) -> &'static str {
+    match metric {
+        "calls_per_s" => "completed calls per second (higher is better)",
+        "cpu_us_per_op" => "CPU of the peer process per call / message / stream (µs)",
+        "p50_us" | "p90_us" | "p99_us" | "p999_us" => "call latency percentiles (µs)",
+        "added_p50_us" => "p50 minus direct gRPC's p50 in the same scenario (µs)",
+        "peak_rss_mb" => "peak RSS of the peer during the point (MB)",
+        "ttfm_p50_us" | "ttfm_p99_us" => "time to first message (µs)",
+        "delay_p50_us" | "delay_p99_us" => "upstream send → client receive, per message (µs)",
+        "added_delay_p50_us" | "added_delay_p99_us" => "per-message delay minus direct's (µs)",
+        "msgs_per_s" => "messages per second (higher is better)",
+        "streams_per_s" => "streams opened and cancelled per second (higher is better)",
+        "rss_per_stream_kb" => "(RSS with the streams open − RSS before) / streams (KiB)",
+        "rss_mb" => "RSS with all streams open (MB)",
+        "open_all_s" => "time to open all streams (s)",
+        "gib_per_s" => "wall-clock throughput (GiB/s)",
+        "gib_per_cpu_s" => "GiB moved per CPU-second of the peer = GiB/s per core",
+        _ => "",
+    }
+}
+
+fn fmt(v: f64) -> String {
+    let a = v.abs();
+    if a == 0.0 {
+        "0".into()
+    } else if a >= 1000.0 {
+        format!("{v:.0}")
+    } else if a >= 100.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn find<'a>(
+    results: &'a Results,
+    scenario: Scenario,
+    variant_prefix: &str,
+    protocol: Protocol,
+    peer: PeerKind,
+) -> Option<&'a Median> {
+    results.medians.iter().find(|m| {
+        m.point.scenario == scenario
+            && m.point.variant.starts_with(variant_prefix)
+            && m.point.protocol == protocol
+            && m.peer == peer
+    })
+}
+
+fn metric(
+    results: &Results,
+    scenario: Scenario,
+    variant_prefix: &str,
+    protocol: Protocol,
+    peer: PeerKind,
+    name: &str,
+) -> Option<f64> {
+    find(results, scenario, variant_prefix, protocol, peer)?
+        .metrics
+        .get(name)
+        .copied()
+}
+
+/// The whole report.
+pub fn markdown(results: &Results) -> String {
+    let mut out = String::new();
+    let peers: Vec<PeerKind> = PeerKind::ALL
+        .into_iter()
+        .filter(|p| results.medians.iter().any(|m| m.peer == *p))
+        .collect();
+    let _ = writeln!(out, "## Targets\n");
+    out.push_str(&targets(results));
+    for scenario in Scenario::ALL {
+        let mut rows: BTreeMap<(String, Protocol), Vec<&Median>> = BTreeMap::new();
+        for m in results
+            .medians
+            .iter()
+            .filter(|m| m.point.scenario == scenario)
+        {
+            rows.entry((m.point.variant.clone(), m.point.protocol))
+                .or_default()
+                .push(m);
+        }
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "\n### {}\n", scenario.title());
+        let _ = write!(out, "| variant | protocol | metric |");
+        for p in &peers {
+            let _ = write!(out, " {p} |");
+        }
+        let _ = writeln!(out, " pnp/envoy |");
+        let _ = write!(out, "|---|---|---|");
+        for _ in &peers {
+            let _ = write!(out, "---:|");
+        }
+        let _ = writeln!(out, "---:|");
+        // Variants in plan order: sort by their first appearance.
+        let mut keys: Vec<&(String, Protocol)> = rows.keys().collect();
+        keys.sort_by_key(|(variant, protocol)| {
+            (
+                results
+                    .medians
+                    .iter()
+                    .position(|m| m.point.scenario == scenario && &m.point.variant == variant)
+                    .unwrap_or(0),
+                *protocol,
+            )
+        });
+        let mut legend: Vec<&str> = Vec::new();
+        for key in keys {
+            let medians = &rows[key];
+            for name in metrics_for(scenario, &key.0) {
+                let value = |peer: PeerKind| {
+                    medians
+                        .iter()
+                        .find(|m| m.peer == peer)
+                        .and_then(|m| m.metrics.get(*name).copied())
+                };
+                if peers.iter().all(|p| value(*p).is_none()) {
+                    continue;
+                }
+                if !legend.contains(name) {
+                    legend.push(name);
+                }
+                let _ = write!(out, "| {} | {} | {} |", key.0, key.1.name(), name);
+                for p in &peers {
+                    let cell = match (value(*p), medians.iter().find(|m| m.peer == *p)) {
+                        (Some(v), _) => fmt(v),
+                        (None, Some(m)) if m.error.is_some() && m.runs == 0 => "failed".into(),
+                        _ => "–".into(),
+                    };
+                    let _ = write!(out, " {cell} |");
+                }
+                let ratio = match (value(PeerKind::Pnp), value(PeerKind::Envoy)) {
+                    (Some(a), Some(b))
+                        if b != 0.0
+                            && !name.starts_with("added_")
+                            && *name != "errors"
+                            && !name.starts_with("broken") =>
+                    {
+                        format!("{:.2}", a / b)
+                    }
+                    _ => "–".into(),
+                };
+                let _ = writeln!(out, " {ratio} |");
+            }
+        }
+        let failures: Vec<String> = rows
+            .values()
+            .flatten()
+            .filter_map(|m| {
+                m.error.as_ref().map(|e| {
+                    format!(
+                        "{} {} {}: {}",
+                        m.peer,
+                        m.point.variant,
+                        m.point.protocol.name(),
+                        e
+                    )
+                })
+            })
+            .collect();
+        out.push('\n');
+        for name in legend {
+            let d = describe(name);
+            if !d.is_empty() {
+                let _ = writeln!(out, "- `{name}`: {d}");
+            }
+        }
+        for f in failures {
+            let _ = writeln!(out, "- failed: {f}");
+        }
+    }
+    if !results.skipped.is_empty() {
+        let _ = writeln!(out, "\nPeers skipped:\n");
+        for (peer, why) in &results.skipped {
+            let _ = writeln!(out, "- {peer}: {why}");
+        }
+    }
+    let _ = writeln!(out, "\n### Machine\n");
+    for (k, v) in &results.machine {
+        let _ = writeln!(out, "- {k}: {v}");
+    }
+    let _ = writeln!(
+        out,
+        "- scale: {} s measured after {} s warm-up per point, {} repeats, medians shown",
+        results.scale.duration.as_secs_f64(),
+        results.scale.warmup.as_secs_f64(),
+        results.repeats
+    );
+    out
+}
+
+/// The targets of issue #6: pnp's number, Envoy's, and whether pnp meets the target.
+pub fn targets(results: &Results) -> String {
+    use Protocol::*;
+    use Scenario::*;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| target | where measured | pnp | envoy | pnp/envoy | met |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---:|:---:|");
+    let closed = format!("closed c{}", results.scale.s1_concurrency);
+    let largest = results.scale.s6_sizes.iter().max().copied().unwrap_or(0);
+    let largest = crate::runner::size_name(largest);
+    let rows: Vec<(&str, Scenario, String, Protocol, &str, f64, bool)> = vec![
+        (
+            "proxy CPU per unary call ≤ 8 µs",
+            S1,
+            closed.clone(),
+            Grpc,
+            "cpu_us_per_op",
+            8.0,
+            false,
+        ),
+        (
+            "proxy CPU per unary call ≤ 8 µs",
+            S1,
+            closed,
+            WebH2,
+            "cpu_us_per_op",
+            8.0,
+            false,
+        ),
+        (
+            "added latency at concurrency 1 ≤ +25 µs p50",
+            S1,
+            "c1".into(),
+            Grpc,
+            "added_p50_us",
+            25.0,
+            false,
+        ),
+        (
+            "added latency at concurrency 1 ≤ +25 µs p50",
+            S1,
+            "c1".into(),
+            WebH2,
+            "added_p50_us",
+            25.0,
+            false,
+        ),
+        (
+            "added latency at concurrency 1 ≤ +25 µs p50",
+            S1,
+            "c1".into(),
+            WebH1,
+            "added_p50_us",
+            25.0,
+            false,
+        ),
+        (
+            "CPU per paced token message ≤ 3 µs",
+            S2,
+            String::new(),
+            Grpc,
+            "cpu_us_per_op",
+            3.0,
+            false,
+        ),
+        (
+            "CPU per paced token message ≤ 3 µs",
+            S2,
+            String::new(),
+            WebH2,
+            "cpu_us_per_op",
+            3.0,
+            false,
+        ),
+        (
+            "memory per idle HTTP/2 stream ≤ 8 KB",
+            S5,
+            String::new(),
+            Grpc,
+            "rss_per_stream_kb",
+            8.0,
+            false,
+        ),
+        (
+            "memory per idle HTTP/1.1 connection ≤ 16 KB",
+            S5,
+            String::new(),
+            WebH1,
+            "rss_per_stream_kb",
+            16.0,
+            false,
+        ),
+        (
+            "idle streams on 2 cores ≤ 150 MB RSS",
+            S5,
+            String::new(),
+            Grpc,
+            "rss_mb",
+            150.0,
+            false,
+        ),
+        (
+            "bulk ≥ 3.5 GiB/s per core",
+            S6,
+            largest.clone(),
+            Grpc,
+            "gib_per_cpu_s",
+            3.5,
+            true,
+        ),
+        (
+            "bulk ≥ 3.5 GiB/s per core",
+            S6,
+            largest.clone(),
+            WebH2,
+            "gib_per_cpu_s",
+            3.5,
+            true,
+        ),
+        (
+            "bulk memory bounded by windows (peak RSS, MB)",
+            S6,
+            largest,
+            Grpc,
+            "peak_rss_mb",
+            64.0,
+            false,
+        ),
+    ];
+    for (label, scenario, variant, protocol, name, limit, higher_is_better) in rows {
+        let pnp = metric(results, scenario, &variant, protocol, PeerKind::Pnp, name);
+        let envoy = metric(results, scenario, &variant, protocol, PeerKind::Envoy, name);
+        let met = match pnp {
+            Some(v) if higher_is_better => {
+                if v >= limit {
+                    "yes"
+                } else {
+                    "no"
+                }
+            }
+            Some(v) => {
+                if v <= limit {
+                    "yes"
+                } else {
+                    "no"
+                }
+            }
+            None => "–",
+        };
+        let ratio = match (pnp, envoy) {
+            (Some(a), Some(b)) if b != 0.0 && !name.starts_with("added_") => {
+                format!("{:.2}", a / b)
+            }
+            _ => "–".into(),
+        };
+        let show = |v: Option<f64>| v.map_or("–".into(), fmt);
+        let variant = if variant.is_empty() {
+            find(results, scenario, "", protocol, PeerKind::Pnp)
+                .map_or(String::new(), |m| m.point.variant.clone())
+        } else {
+            variant
+        };
+        let _ = writeln!(
+            out,
+            "| {label} | {scenario:?} {variant} {} `{name}` | {} | {} | {ratio} | {met} |",
+            protocol.name(),
+            show(pnp),
+            show(envoy)
+        );
+    }
+    out
+}

@@ -1,0 +1,113 @@
+//! Smoke test: every scenario runs for a fraction of a second against direct, pnp and tonic-web
+//! (all in this process) and produces sane numbers. No timing assertions: performance lives in
+//! BENCHMARKS.md, measured by `bench/run.sh`.
+
+use pnp_bench::client::Protocol;
+use pnp_bench::idle::IdleGate;
+use pnp_bench::peers::{PeerKind, Tools};
+use pnp_bench::runner::{self, RunOptions};
+use pnp_bench::scenarios::{Scale, Scenario};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_runs_against_pnp() {
+    let workdir = std::env::temp_dir().join(format!("pnp-bench-smoke-{}", std::process::id()));
+    std::fs::create_dir_all(&workdir).expect("workdir");
+    let options = RunOptions {
+        scale: Scale::smoke(),
+        peers: vec![PeerKind::Direct, PeerKind::Pnp, PeerKind::TonicWeb],
+        scenarios: Scenario::ALL.to_vec(),
+        protocols: vec![Protocol::Grpc, Protocol::WebH2, Protocol::WebTextH1],
+        repeats: 1,
+        tools: Tools {
+            pnp: None,
+            envoy: None,
+            nginx: None,
+            bench: None,
+            peer_cpu: None,
+            upstream_cpu: None,
+            workdir: workdir.clone(),
+        },
+        idle: IdleGate::never(),
+        progress: false,
+        checkpoint: None,
+    };
+    let results = runner::run(&options).await.expect("run");
+
+    let failures: Vec<String> = results
+        .records
+        .iter()
+        .filter_map(|r| {
+            r.error.as_ref().map(|e| {
+                format!(
+                    "{} {:?} {} {}: {e}",
+                    r.peer,
+                    r.point.scenario,
+                    r.point.variant,
+                    r.point.protocol.name()
+                )
+            })
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "points failed:\n{}",
+        failures.join("\n")
+    );
+
+    let scale = Scale::smoke();
+    for m in &results.medians {
+        let get = |name: &str| m.metrics.get(name).copied().unwrap_or(-1.0);
+        let what = format!(
+            "{} {:?} {} {}: {:?}",
+            m.peer,
+            m.point.scenario,
+            m.point.variant,
+            m.point.protocol.name(),
+            m.metrics
+        );
+        match m.point.scenario {
+            Scenario::S1 | Scenario::S7 => {
+                assert!(get("calls") > 0.0, "{what}");
+                assert_eq!(get("errors"), 0.0, "{what}");
+                assert!(get("p50_us") > 0.0, "{what}");
+            }
+            Scenario::S2 => {
+                assert!(get("msgs_per_s") > 0.0, "{what}");
+                assert_eq!(get("broken_streams"), 0.0, "{what}");
+                assert!(get("delay_p50_us") > 0.0, "{what}");
+            }
+            Scenario::S3 => assert!(get("msgs_per_s") > 0.0, "{what}"),
+            Scenario::S4 => {
+                assert!(get("streams_per_s") > 0.0, "{what}");
+                assert_eq!(get("errors"), 0.0, "{what}");
+            }
+            Scenario::S5 => {
+                let expected = if m.point.protocol.is_http1() {
+                    scale.s5_http1_connections
+                } else {
+                    scale.s5_streams
+                };
+                assert_eq!(get("streams"), expected as f64, "{what}");
+            }
+            Scenario::S6 => assert!(get("gib_per_s") > 0.0, "{what}"),
+        }
+    }
+    // Every peer ran every scenario it supports.
+    for peer in options.peers {
+        for scenario in Scenario::ALL {
+            assert!(
+                results
+                    .medians
+                    .iter()
+                    .any(|m| m.peer == peer && m.point.scenario == scenario && m.runs == 1),
+                "{peer} {scenario:?} missing"
+            );
+        }
+    }
+
+    let report = pnp_bench::report::markdown(&results);
+    assert!(report.contains("### S1 unary 100 B"), "{report}");
+    let plots = pnp_bench::plot::all(&results, &workdir).expect("plots");
+    assert!(plots.iter().any(|p| p == "cpu-per-op.svg"), "{plots:?}");
+    let _ = std::fs::remove_dir_all(&workdir);
+}
