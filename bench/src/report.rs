@@ -184,6 +184,8 @@ pub fn markdown(results: &Results) -> String {
         let mut keys: Vec<&(String, Protocol)> = rows.keys().collect();
         keys.sort_by_key(|(variant, protocol)| {
             (
+                // S6 variants are sizes: smallest first.
+                crate::runner::size_of(variant).unwrap_or(0),
                 results
                     .medians
                     .iter()

@@ -186,7 +186,8 @@ pub fn size_name(size: u64) -> String {
     }
 }
 
-fn size_of(variant: &str) -> Option<u64> {
+/// The message size a `100 MiB` / `1 GiB` variant names.
+pub fn size_of(variant: &str) -> Option<u64> {
     let (n, unit) = variant.split_once(' ')?;
     let n: u64 = n.parse().ok()?;
     match unit {

@@ -280,9 +280,11 @@ async fn a_thousand_streams_with_30_percent_aborting_leave_no_upstream_stream_op
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(stats.active_streams(), 0, "upstream streams left open");
+    // The cancellation is counted when the upstream's response stream is dropped, which can
+    // trail the active-stream count by a moment: wait for it rather than read it once.
     assert!(
-        stats.calls_cancelled() >= 300,
-        "{} cancelled",
+        stats.wait_cancelled(300, Duration::from_secs(2)).await,
+        "{} upstream streams saw the cancellation, expected 300",
         stats.calls_cancelled()
     );
 }
