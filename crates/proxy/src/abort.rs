@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use pnp_call::Status;
+use pnp_call::{Code, Status};
 use tokio_util::sync::CancellationToken;
 
 /// Set once by whoever ends the call first (for example the request decoder on bad input);
@@ -32,5 +32,11 @@ impl CallAbort {
     /// The status the call was ended with.
     pub(crate) fn status(&self) -> Option<Status> {
         self.status.lock().ok().and_then(|slot| slot.clone())
+    }
+
+    /// The status to report once the token fired.
+    pub(crate) fn status_or_cancelled(&self) -> Status {
+        self.status()
+            .unwrap_or_else(|| Status::new(Code::Cancelled, "pnp: call aborted"))
     }
 }

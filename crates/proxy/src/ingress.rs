@@ -20,7 +20,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use pnp_call::{Call, CallHead, Code, Reply, Status};
 use pnp_policy::deadline::{Deadline, DeadlineOffset};
-use pnp_policy::idle::{Direction, StreamClocks};
+use pnp_policy::idle::StreamClocks;
 use pnp_telemetry::{request_id, Metrics};
 use pnp_transport::{strip_request_headers, TransportError};
 use pnp_wire::content_type::{self, Protocol};
@@ -33,7 +33,7 @@ use crate::abort::CallAbort;
 use crate::admission::{Admission, Admitted};
 use crate::profiles::Profiles;
 use crate::reply::{
-    base_headers, clock_status, deadline_status, Clocks, Encoding, Observer, ReplyBody,
+    base_headers, shutdown_status, CallClocks, Clocks, Encoding, Observer, ReplyBody,
 };
 use crate::request::{RequestActivity, RequestMessages};
 use crate::resilience::GuardedUpstream;
@@ -174,8 +174,15 @@ impl Inner {
             )
         };
 
-        let (service, method) = split_path(path.path());
-        let policy = self.profiles.select(service, method, job.as_deref());
+        let head = CallHead {
+            path,
+            subtype: accepted.subtype,
+            metadata,
+            timeout: None,
+        };
+        let policy = self
+            .profiles
+            .select(head.service(), head.method(), job.as_deref());
         let degrade = match self.admission.admit(policy.degradable) {
             Admitted::Yes { permit, degrade } => {
                 observer.permit = Some(permit);
@@ -189,8 +196,13 @@ impl Inner {
             policy.max_duration,
             &DeadlineOffset::default(),
         );
-        let mut stream_clocks = StreamClocks::new(arrival, policy.first_message, policy.idle);
         let activity = RequestActivity::new(arrival);
+        let mut clocks = CallClocks {
+            deadline,
+            stream: StreamClocks::new(arrival, policy.first_message, policy.idle),
+            activity: activity.clone(),
+            profile: policy.name.clone(),
+        };
 
         let abort = CallAbort::default();
         let messages = RequestMessages::new(
@@ -199,14 +211,8 @@ impl Inner {
             self.max_message_size,
             abort.clone(),
             self.metrics.request_counters(self.transport_name),
-            activity.clone(),
+            activity,
         );
-        let head = CallHead {
-            path,
-            subtype: accepted.subtype,
-            metadata,
-            timeout: None,
-        };
         let waiting = self.admission.waiting();
         let reply = self.upstream.call(
             head,
@@ -218,7 +224,7 @@ impl Inner {
         );
         tokio::pin!(reply);
         let reply = loop {
-            let wake = earliest(deadline.map(|d| d.at), stream_clocks.next_deadline());
+            let wake = clocks.next_wake();
             let sleep = async {
                 match wake {
                     Some(at) => tokio::time::sleep_until(TokioInstant::from_std(at)).await,
@@ -228,28 +234,15 @@ impl Inner {
             tokio::select! {
                 reply = &mut reply => break reply,
                 () = abort.token().cancelled() => {
-                    let status = abort
-                        .status()
-                        .unwrap_or_else(|| Status::new(Code::Cancelled, "pnp: call aborted"));
-                    return fail(&mut observer, status);
+                    return fail(&mut observer, abort.status_or_cancelled());
                 }
                 () = sleep => {
-                    let now = Instant::now();
-                    if let Some(at) = activity.last() {
-                        stream_clocks.on_message(at, Direction::Request);
-                    }
-                    if let Some(deadline) = deadline.filter(|d| d.is_expired(now)) {
-                        self.metrics.clock_expired("deadline");
-                        return fail(&mut observer, deadline_status(&deadline, "before the upstream answered"));
-                    }
-                    if let Some(expired) = stream_clocks.poll(now) {
-                        return fail(&mut observer, clock_status(&self.metrics, &expired, &policy.name));
+                    let when = "before the upstream answered";
+                    if let Some(status) = clocks.expired(Instant::now(), &self.metrics, when) {
+                        return fail(&mut observer, status);
                     }
                 }
-                () = self.shutdown.cancelled() => return fail(&mut observer, Status::new(
-                    Code::Unavailable,
-                    "pnp is shutting down; retry on another instance",
-                )),
+                () = self.shutdown.cancelled() => return fail(&mut observer, shutdown_status()),
             }
         };
         drop(waiting);
@@ -268,12 +261,9 @@ impl Inner {
                     encoding,
                     items,
                     Clocks {
-                        deadline,
-                        stream: stream_clocks,
-                        activity,
+                        call: clocks,
                         abort,
                         shutdown: self.shutdown.clone(),
-                        profile: policy.name.clone(),
                         degrade,
                     },
                     observer,
@@ -288,21 +278,6 @@ impl Inner {
                 response
             }
         }
-    }
-}
-
-/// `/package.Service/Method` split into its parts.
-fn split_path(path: &str) -> (Option<&str>, Option<&str>) {
-    match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
-        Some((service, method)) => (Some(service), Some(method)),
-        None => (None, None),
-    }
-}
-
-fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
     }
 }
 

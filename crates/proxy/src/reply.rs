@@ -24,7 +24,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use std::time::Instant;
 
 use bytes::BytesMut;
-use pnp_call::Code;
+use pnp_call::{Code, Message};
 use pnp_policy::deadline::{Deadline, DeadlineSource};
 use pnp_policy::idle::{ClockKind, Direction, Expired, StreamClocks};
 use pnp_telemetry::{CallRecorder, Metrics};
@@ -84,26 +84,76 @@ impl Encoding {
     }
 }
 
-/// Why the proxy ends a call by itself.
-pub(crate) struct Clocks {
+/// The clocks of one call, from its arrival to its status: the total deadline and the
+/// first-message and idle clocks. The ingress runs them while it waits for the upstream's
+/// response headers, then hands them to the [`ReplyBody`].
+pub(crate) struct CallClocks {
     /// The total deadline: `grpc-timeout` (less a small offset) or the profile's cap.
     pub(crate) deadline: Option<Deadline>,
     /// First-message and idle clocks.
     pub(crate) stream: StreamClocks,
     /// When the client last sent a message (resets the idle clock).
     pub(crate) activity: RequestActivity,
+    /// The profile's name, for messages.
+    pub(crate) profile: String,
+}
+
+impl CallClocks {
+    /// When a clock may next run out; `None` when none is running.
+    pub(crate) fn next_wake(&self) -> Option<Instant> {
+        match (self.deadline.map(|d| d.at), self.stream.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// A response message went out now.
+    fn on_response_message(&mut self) {
+        self.stream.on_message(Instant::now(), Direction::Response);
+    }
+
+    /// Checked when a timer fires: the status that ends the call if a clock ran out at `now`
+    /// (counted in the metrics). `when` says where the call was, for the message.
+    pub(crate) fn expired(
+        &mut self,
+        now: Instant,
+        metrics: &Metrics,
+        when: &str,
+    ) -> Option<Status> {
+        if let Some(at) = self.activity.last() {
+            self.stream.on_message(at, Direction::Request);
+        }
+        if let Some(deadline) = self.deadline.filter(|d| d.is_expired(now)) {
+            metrics.clock_expired("deadline");
+            return Some(deadline_status(&deadline, when));
+        }
+        let expired = self.stream.poll(now)?;
+        Some(clock_status(metrics, &expired, &self.profile))
+    }
+}
+
+/// Why the proxy ends a call by itself.
+pub(crate) struct Clocks {
+    /// Deadline, first-message and idle clocks.
+    pub(crate) call: CallClocks,
     /// Request-side failures.
     pub(crate) abort: CallAbort,
     /// The end of the shutdown grace period.
     pub(crate) shutdown: CancellationToken,
-    /// The profile's name, for messages.
-    pub(crate) profile: String,
     /// Answer with one buffered reply instead of a stream (load shedding).
     pub(crate) degrade: bool,
 }
 
+/// The status of calls still running when the shutdown grace period is over.
+pub(crate) fn shutdown_status() -> Status {
+    Status::new(
+        Code::Unavailable,
+        "pnp is shutting down; retry on another instance",
+    )
+}
+
 /// The status for an expired total deadline.
-pub(crate) fn deadline_status(deadline: &Deadline, when: &str) -> Status {
+fn deadline_status(deadline: &Deadline, when: &str) -> Status {
     let message = match deadline.source {
         DeadlineSource::Client => {
             format!("pnp: deadline exceeded (grpc-timeout) {when}")
@@ -117,7 +167,7 @@ pub(crate) fn deadline_status(deadline: &Deadline, when: &str) -> Status {
 }
 
 /// The status for an expired stream clock; counts the expiry.
-pub(crate) fn clock_status(metrics: &Metrics, expired: &Expired, profile: &str) -> Status {
+fn clock_status(metrics: &Metrics, expired: &Expired, profile: &str) -> Status {
     let (clock, text) = match expired.clock {
         ClockKind::FirstMessage => ("first_message", "no response message within"),
         ClockKind::Idle => ("idle", "stream idle (no message either way) for"),
@@ -188,13 +238,10 @@ struct Streaming {
     encoding: Encoding,
     items: Option<BoxReplyStream>,
     guard: ReplyGuard,
-    deadline: Option<Deadline>,
-    stream_clocks: StreamClocks,
-    activity: RequestActivity,
+    clocks: CallClocks,
     /// Armed at the earliest of the deadline and the stream clocks; re-armed lazily when it
     /// fires (messages only ever push the clocks later).
     timer: Option<Pin<Box<Sleep>>>,
-    profile: String,
     /// Degraded call: messages gathered here and sent as one reply with the status.
     buffer: Option<BytesMut>,
     /// A frame waiting its turn (the status after a buffered reply).
@@ -227,18 +274,15 @@ impl ReplyBody {
         observer: Observer,
     ) -> Self {
         let aborted = Box::pin(clocks.abort.token().clone().cancelled_owned());
-        let wake = earliest(clocks.deadline.map(|d| d.at), clocks.stream.next_deadline());
+        let wake = clocks.call.next_wake();
         Self {
             state: State::Streaming(Box::new(Streaming {
                 encoding,
                 items: Some(items),
                 guard: ReplyGuard::new(),
-                deadline: clocks.deadline,
-                stream_clocks: clocks.stream,
-                activity: clocks.activity,
+                clocks: clocks.call,
                 timer: wake
                     .map(|at| Box::pin(tokio::time::sleep_until(TokioInstant::from_std(at)))),
-                profile: clocks.profile,
                 buffer: clocks.degrade.then(BytesMut::new),
                 pending: None,
                 abort: clocks.abort,
@@ -271,6 +315,13 @@ impl Streaming {
         }
     }
 
+    /// A response message leaves: count it, reset the clocks, encode it.
+    fn deliver(&mut self, message: Message) -> FrameBuf {
+        self.observer.message(message.data.len());
+        self.clocks.on_response_message();
+        self.encoding.message(message.compressed, message.data)
+    }
+
     /// Append the small messages that are already waiting to `first`, so a burst goes out as
     /// one HTTP/2 DATA frame (or HTTP/1.1 chunk) instead of one per message. Nothing waits:
     /// only items that are ready now are taken, so latency is unchanged. One frame per tiny
@@ -292,10 +343,7 @@ impl Streaming {
             };
             match self.guard.on_item(item) {
                 GuardEvent::Deliver(ReplyItem::Message(message)) => {
-                    self.observer.message(message.data.len());
-                    self.stream_clocks
-                        .on_message(Instant::now(), Direction::Response);
-                    let next = self.encoding.message(message.compressed, message.data);
+                    let next = self.deliver(message);
                     let batch = batch.get_or_insert_with(|| {
                         let mut b = BytesMut::with_capacity(COALESCE_LIMIT + next.remaining());
                         b.extend_from_slice(&first.to_bytes());
@@ -323,25 +371,13 @@ impl Streaming {
             if timer.as_mut().poll(cx).is_pending() {
                 return None;
             }
-            let now = Instant::now();
-            if let Some(at) = self.activity.last() {
-                self.stream_clocks.on_message(at, Direction::Request);
+            if let Some(status) =
+                self.clocks
+                    .expired(Instant::now(), &self.observer.metrics, "while streaming")
+            {
+                return Some(status);
             }
-            if let Some(deadline) = self.deadline.filter(|d| d.is_expired(now)) {
-                self.observer.metrics.clock_expired("deadline");
-                return Some(deadline_status(&deadline, "while streaming"));
-            }
-            if let Some(expired) = self.stream_clocks.poll(now) {
-                return Some(clock_status(
-                    &self.observer.metrics,
-                    &expired,
-                    &self.profile,
-                ));
-            }
-            match earliest(
-                self.deadline.map(|d| d.at),
-                self.stream_clocks.next_deadline(),
-            ) {
+            match self.clocks.next_wake() {
                 Some(at) => timer.as_mut().reset(TokioInstant::from_std(at)),
                 None => self.timer = None,
             }
@@ -357,17 +393,11 @@ impl Streaming {
             return Poll::Ready(None);
         }
         if self.aborted.as_mut().poll(cx).is_ready() {
-            let status = self
-                .abort
-                .status()
-                .unwrap_or_else(|| Status::new(pnp_call::Code::Cancelled, "pnp: call aborted"));
+            let status = self.abort.status_or_cancelled();
             return Poll::Ready(self.end(status));
         }
         if self.shutdown.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(self.end(Status::new(
-                pnp_call::Code::Unavailable,
-                "pnp is shutting down; retry on another instance",
-            )));
+            return Poll::Ready(self.end(shutdown_status()));
         }
         if let Some(status) = self.poll_clocks(cx) {
             return Poll::Ready(self.end(status));
@@ -381,10 +411,7 @@ impl Streaming {
         };
         match self.guard.on_item(item) {
             GuardEvent::Deliver(ReplyItem::Message(message)) => {
-                self.observer.message(message.data.len());
-                self.stream_clocks
-                    .on_message(Instant::now(), Direction::Response);
-                let frame = self.encoding.message(message.compressed, message.data);
+                let frame = self.deliver(message);
                 match self.buffer.as_mut() {
                     None => Poll::Ready(Some(Frame::data(self.coalesce(frame, cx)))),
                     Some(buffer) => {
@@ -456,11 +483,4 @@ pub(crate) fn base_headers(encoding: Encoding, subtype: Option<&str>) -> HeaderM
         headers.insert(http::header::CONTENT_TYPE, value);
     }
     headers
-}
-
-fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
 }
