@@ -29,6 +29,12 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
 /// Default upstream connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default limit of client connections open at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default global budget of buffered message bytes (256 MiB).
+pub const DEFAULT_BUFFER_BUDGET: usize = 256 * 1024 * 1024;
+/// Default HTTP/2 receive window per upstream stream (1 MiB).
+pub const DEFAULT_STREAM_WINDOW: u32 = 1024 * 1024;
 
 /// The whole, validated configuration of a pnp data plane.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,6 +55,8 @@ pub struct Config {
     pub resilience: Resilience,
     /// Job profiles and the routes that pick them.
     pub jobs: Jobs,
+    /// What pnp believes of request headers from clients at the edge.
+    pub edge: Edge,
 }
 
 /// The data-plane listener.
@@ -59,6 +67,23 @@ pub struct Listener {
     /// Serve TLS (ALPN `h2`, `http/1.1`) with this certificate, or plaintext (HTTP/1.1 and h2c
     /// prior knowledge) when `None`.
     pub tls: Option<TlsFiles>,
+    /// Client connections open at once; over it, a new connection waits up to
+    /// `connection_wait` for a slot and is closed otherwise. Calls in flight are untouched.
+    pub max_connections: usize,
+    /// How long a connection over `max_connections` waits for a slot before it is closed.
+    pub connection_wait: Duration,
+    /// Time a new connection has to finish its TLS handshake and show which protocol it speaks
+    /// (its first bytes); closed after it.
+    pub handshake_timeout: Duration,
+    /// A client connection with no call in flight for this long is closed (HTTP/2: GOAWAY);
+    /// `None` keeps idle connections open.
+    pub idle_timeout: Option<Duration>,
+    /// HTTP/2 PING interval towards clients; `None` sends none.
+    pub keepalive_interval: Option<Duration>,
+    /// How long a client's PING answer may take before its connection is closed.
+    pub keepalive_timeout: Duration,
+    /// TCP keepalive idle time on client sockets; `None` leaves it off.
+    pub tcp_keepalive: Option<Duration>,
 }
 
 /// A certificate chain and its private key, both PEM files.
@@ -79,6 +104,11 @@ pub struct Upstream {
     pub ca: Option<PathBuf>,
     /// How long to wait for a TCP (and TLS) connection to the upstream.
     pub connect_timeout: Duration,
+    /// HTTP/2 connections to the upstream; each call goes on the least busy one.
+    pub connections: usize,
+    /// HTTP/2 receive window per upstream stream: the most a stalled client's call can hold
+    /// in pnp from the upstream (the connection window never binds before the streams' do).
+    pub stream_window: u32,
 }
 
 /// The upstream of the data plane.
@@ -100,14 +130,18 @@ pub struct Cors {
     pub expose_headers: Vec<String>,
     /// How long browsers may cache a preflight answer.
     pub max_age: Duration,
+    /// Honour grpc-web's `$httpHeaders` query parameter (headers sent in the URL so a browser
+    /// needs no preflight), and then only from allowed origins. It can never set
+    /// `content-type`, hop-by-hop headers or pnp's own headers.
+    pub http_headers_param: bool,
 }
 
 /// Which origins may call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AllowedOrigins {
-    /// Any origin (mirrored back, so credentials still work).
+    /// Any origin, without credentials (cookies, HTTP auth) in cross-origin calls.
     Any,
-    /// Exactly these origins, e.g. `https://app.example.com`.
+    /// Exactly these origins, e.g. `https://app.example.com`; credentials are allowed for them.
     List(Vec<String>),
 }
 
@@ -117,6 +151,21 @@ pub struct Limits {
     /// Largest message accepted in either direction, checked from the frame header before any
     /// allocation.
     pub max_message_size: usize,
+    /// Bytes of messages pnp may hold at once over all calls (replay buffers for retries,
+    /// degraded replies, messages being assembled); a call that would exceed it ends with
+    /// RESOURCE_EXHAUSTED.
+    pub buffer_budget: usize,
+}
+
+/// What pnp believes of request headers that clients send at the edge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Edge {
+    /// Take `x-pnp-job` from clients as the call's job (metrics label, forwarded upstream).
+    /// When false, a client's `x-pnp-job` is only matched by routes that name a job, and is
+    /// neither forwarded nor used as a label.
+    pub trust_job_header: bool,
+    /// Append the client's address to `x-forwarded-for` on the way upstream.
+    pub forwarded_for: bool,
 }
 
 /// Graceful shutdown.
@@ -157,26 +206,41 @@ impl Config {
                     .parse()
                     .unwrap_or_else(|_| unreachable_addr()),
                 tls: None,
+                max_connections: DEFAULT_MAX_CONNECTIONS,
+                connection_wait: Duration::from_millis(250),
+                handshake_timeout: Duration::from_secs(10),
+                idle_timeout: Some(Duration::from_secs(300)),
+                keepalive_interval: Some(Duration::from_secs(60)),
+                keepalive_timeout: Duration::from_secs(20),
+                tcp_keepalive: Some(Duration::from_secs(60)),
             },
             admin: DEFAULT_ADMIN.parse().ok(),
             upstream: Upstream {
                 target,
                 ca: None,
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                connections: 4,
+                stream_window: DEFAULT_STREAM_WINDOW,
             },
             cors: Cors {
                 allowed_origins: AllowedOrigins::Any,
                 expose_headers: Vec::new(),
                 max_age: Duration::from_secs(600),
+                http_headers_param: true,
             },
             limits: Limits {
                 max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+                buffer_budget: DEFAULT_BUFFER_BUDGET,
             },
             shutdown: Shutdown {
                 grace_period: DEFAULT_GRACE_PERIOD,
             },
             resilience: Resilience::default(),
             jobs: Jobs::default(),
+            edge: Edge {
+                trust_job_header: false,
+                forwarded_for: true,
+            },
         }
     }
 

@@ -161,6 +161,9 @@ impl Jobs {
 pub struct Resilience {
     /// Calls in flight before new ones are shed.
     pub max_concurrent_streams: usize,
+    /// Calls one client (one IP address) may have in flight; `None` means a quarter of
+    /// `max_concurrent_streams` (at least one).
+    pub max_streams_per_client: Option<usize>,
     /// Calls waiting for upstream response headers above which pnp signals scale-out.
     pub queue_threshold: usize,
     /// p95 call duration above which degradable streams are answered buffered.
@@ -194,6 +197,7 @@ impl Default for Resilience {
     fn default() -> Self {
         Self {
             max_concurrent_streams: 10_000,
+            max_streams_per_client: None,
             queue_threshold: 1_000,
             stream_p95_slo: Duration::from_secs(30),
             peer_available: false,

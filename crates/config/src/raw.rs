@@ -35,12 +35,22 @@ pub(crate) struct RawConfig {
     profiles: BTreeMap<String, RawProfile>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    #[serde(default)]
+    edge: RawEdge,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEdge {
+    trust_job_header: Option<bool>,
+    forwarded_for: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawResilience {
     max_concurrent_streams: Option<usize>,
+    max_streams_per_client: Option<usize>,
     queue_threshold: Option<usize>,
     stream_p95_slo: Option<String>,
     peer_available: Option<bool>,
@@ -123,6 +133,13 @@ struct RawRoute {
 struct RawListener {
     addr: Option<String>,
     tls: Option<RawTls>,
+    max_connections: Option<usize>,
+    connection_wait: Option<String>,
+    handshake_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    keepalive_interval: Option<String>,
+    keepalive_timeout: Option<String>,
+    tcp_keepalive: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,6 +163,8 @@ struct RawUpstream {
     url: Option<String>,
     ca: Option<PathBuf>,
     connect_timeout: Option<String>,
+    connections: Option<usize>,
+    stream_window: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -154,12 +173,14 @@ struct RawCors {
     allowed_origins: Option<Vec<String>>,
     expose_headers: Option<Vec<String>>,
     max_age: Option<String>,
+    http_headers_param: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_message_size: Option<String>,
+    buffer_budget: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -210,6 +231,7 @@ impl RawResilience {
             max_concurrent_streams: self
                 .max_concurrent_streams
                 .unwrap_or(d.max_concurrent_streams),
+            max_streams_per_client: self.max_streams_per_client.or(d.max_streams_per_client),
             queue_threshold: self.queue_threshold.unwrap_or(d.queue_threshold),
             stream_p95_slo: duration_or(
                 "resilience.stream_p95_slo",
@@ -457,10 +479,46 @@ impl RawConfig {
         if let Some(addr) = &self.listener.addr {
             config.listener.addr = parse_addr("listener.addr", addr)?;
         }
-        config.listener.tls = self.listener.tls.map(|tls| TlsFiles {
-            cert: tls.cert,
-            key: tls.key,
+        config.listener.tls = self.listener.tls.as_ref().map(|tls| TlsFiles {
+            cert: tls.cert.clone(),
+            key: tls.key.clone(),
         });
+        let l = &self.listener;
+        let d = config.listener.clone();
+        if let Some(n) = l.max_connections {
+            if n == 0 {
+                return Err(invalid("listener.max_connections", "must be at least 1"));
+            }
+            config.listener.max_connections = n;
+        }
+        config.listener.connection_wait =
+            duration_or("listener.connection_wait", &l.connection_wait, d.connection_wait)?;
+        config.listener.handshake_timeout = duration_or(
+            "listener.handshake_timeout",
+            &l.handshake_timeout,
+            d.handshake_timeout,
+        )?;
+        config.listener.keepalive_timeout = duration_or(
+            "listener.keepalive_timeout",
+            &l.keepalive_timeout,
+            d.keepalive_timeout,
+        )?;
+        if let Some(text) = &l.idle_timeout {
+            config.listener.idle_timeout = parse_optional_duration("listener.idle_timeout", text)?;
+        }
+        if let Some(text) = &l.keepalive_interval {
+            config.listener.keepalive_interval =
+                parse_optional_duration("listener.keepalive_interval", text)?;
+        }
+        if let Some(text) = &l.tcp_keepalive {
+            config.listener.tcp_keepalive = parse_optional_duration("listener.tcp_keepalive", text)?;
+        }
+        if let Some(trust) = self.edge.trust_job_header {
+            config.edge.trust_job_header = trust;
+        }
+        if let Some(append) = self.edge.forwarded_for {
+            config.edge.forwarded_for = append;
+        }
 
         if self.admin.enabled == Some(false) {
             config.admin = None;
@@ -477,6 +535,24 @@ impl RawConfig {
             connect_timeout: match &self.upstream.connect_timeout {
                 Some(text) => parse_duration("upstream.connect_timeout", text)?,
                 None => DEFAULT_CONNECT_TIMEOUT,
+            },
+            connections: match self.upstream.connections {
+                Some(0) => return Err(invalid("upstream.connections", "must be at least 1")),
+                Some(n) => n,
+                None => config.upstream.connections,
+            },
+            stream_window: match &self.upstream.stream_window {
+                Some(text) => {
+                    let size = parse_size(text)
+                        .map_err(|reason| invalid("upstream.stream_window", reason))?;
+                    u32::try_from(size)
+                        .ok()
+                        .filter(|w| (65_535..=(1 << 31) - 1).contains(w))
+                        .ok_or_else(|| {
+                            invalid("upstream.stream_window", "must be 64KiB - 1 … 2GiB - 1")
+                        })?
+                }
+                None => config.upstream.stream_window,
             },
         };
 
@@ -515,6 +591,10 @@ impl RawConfig {
                 Some(text) => parse_duration("cors.max_age", text)?,
                 None => config.cors.max_age,
             },
+            http_headers_param: self
+                .cors
+                .http_headers_param
+                .unwrap_or(config.cors.http_headers_param),
         };
 
         config.limits = Limits {
@@ -523,6 +603,12 @@ impl RawConfig {
                     parse_size(text).map_err(|reason| invalid("limits.max_message_size", reason))?
                 }
                 None => config.limits.max_message_size,
+            },
+            buffer_budget: match &self.limits.buffer_budget {
+                Some(text) => {
+                    parse_size(text).map_err(|reason| invalid("limits.buffer_budget", reason))?
+                }
+                None => config.limits.buffer_budget,
             },
         };
 

@@ -14,6 +14,7 @@
 mod abort;
 mod admin;
 mod admission;
+mod conn;
 mod cors;
 pub mod ingress;
 mod listener;

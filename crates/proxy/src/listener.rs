@@ -127,6 +127,7 @@ impl HeaderClock {
 #[derive(Clone)]
 struct FirstRequest<S> {
     inner: S,
+    peer: std::net::SocketAddr,
     accepted: Instant,
     seen: Arc<AtomicBool>,
     clock: Arc<HeaderClock>,
@@ -147,7 +148,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        request
+            .extensions_mut()
+            .insert(crate::conn::PeerAddr(self.peer));
         if !self.seen.swap(true, Ordering::AcqRel) {
             self.clock.record(self.accepted.elapsed());
         }
@@ -191,6 +195,7 @@ where
         let builder = connection_builder(header_clock.current());
         let service = TowerToHyperService::new(FirstRequest {
             inner: service.clone(),
+            peer,
             accepted: Instant::now(),
             seen: Arc::new(AtomicBool::new(false)),
             clock: header_clock.clone(),
