@@ -243,6 +243,17 @@ impl StreamClocks {
         self.idle.as_mut().and_then(|i| i.poll(now))
     }
 
+    /// The idle gap that the first response message will start, while the first-message clock
+    /// runs and the idle clock is not yet running; `None` otherwise. A driver that sleeps until
+    /// [`next_deadline`](StreamClocks::next_deadline) must not sleep past `now + gap` in that
+    /// phase, or an idle expiry right after the first message would be noticed late.
+    pub fn idle_pending(&self) -> Option<Duration> {
+        match (&self.first, &self.idle) {
+            (Some(first), None) if first.next_deadline().is_some() => self.idle_gap,
+            _ => None,
+        }
+    }
+
     /// The earliest instant at which [`poll`](StreamClocks::poll) may change its answer;
     /// `None` when no clock is running.
     pub fn next_deadline(&self) -> Option<Instant> {
@@ -262,6 +273,22 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn idle_is_pending_only_while_the_first_message_clock_runs() {
+        let t0 = Instant::now();
+        let mut c = StreamClocks::new(t0, Some(ms(30_000)), Some(ms(2_000)));
+        assert_eq!(c.idle_pending(), Some(ms(2_000)));
+        c.on_message(t0 + ms(200), Direction::Response);
+        assert_eq!(c.idle_pending(), None);
+        // The idle clock now runs from the first message, far earlier than the first-message
+        // budget would have fired.
+        assert_eq!(c.next_deadline(), Some(t0 + ms(2_200)));
+        let without_idle = StreamClocks::new(t0, Some(ms(30_000)), None);
+        assert_eq!(without_idle.idle_pending(), None);
+        let without_first = StreamClocks::new(t0, None, Some(ms(2_000)));
+        assert_eq!(without_first.idle_pending(), None);
     }
 
     #[test]

@@ -17,7 +17,6 @@ use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use pnp_call::{Call, CallHead, Code, Reply, Status};
 use pnp_policy::deadline::{Deadline, DeadlineOffset};
 use pnp_policy::idle::StreamClocks;
@@ -31,11 +30,13 @@ use tracing::Instrument;
 
 use crate::abort::CallAbort;
 use crate::admission::{Admission, Admitted};
+use crate::body::RequestBody;
+use crate::conn::ClientReset;
 use crate::profiles::Profiles;
 use crate::reply::{
     base_headers, shutdown_status, CallClocks, Clocks, Encoding, Observer, ReplyBody,
 };
-use crate::request::{RequestActivity, RequestMessages};
+use crate::request::{self, RequestActivity, RequestMessages};
 use crate::resilience::GuardedUpstream;
 use crate::responder;
 use crate::site;
@@ -79,7 +80,7 @@ impl Ingress {
     }
 }
 
-impl tower::Service<Request<Incoming>> for Ingress {
+impl tower::Service<Request<RequestBody>> for Ingress {
     type Response = Response<ReplyBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response<ReplyBody>, Infallible>> + Send>>;
@@ -88,7 +89,7 @@ impl tower::Service<Request<Incoming>> for Ingress {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
         let inner = self.inner.clone();
         // The id travels upstream with the call's metadata and comes back on the response.
         let request_id =
@@ -126,9 +127,13 @@ struct Accepted {
 }
 
 impl Inner {
-    async fn handle(&self, request: Request<Incoming>) -> Response<ReplyBody> {
+    async fn handle(&self, request: Request<RequestBody>) -> Response<ReplyBody> {
         let arrival = Instant::now();
         let (mut parts, body) = request.into_parts();
+        // Every early answer below leaves the body unread; an HTTP/1.1 client still sending it
+        // must get to read that answer (not EPIPE), so the body is drained, not dropped.
+        let mut body = Unread(Some(body));
+        let client_reset = parts.extensions.remove::<ClientReset>();
         if let Some(page) = site::serve(&parts) {
             return page;
         }
@@ -164,8 +169,11 @@ impl Inner {
             span: tracing::Span::current(),
             permit: None,
         };
+        let abort = CallAbort::default();
         let fail = |observer: &mut Observer, status: Status| {
             observer.finish(&status);
+            // Whatever still runs for this call (the request pipe to the upstream) stops now.
+            abort.abort(status.clone());
             responder::trailers_only(
                 encoding,
                 subtype.as_deref(),
@@ -204,9 +212,8 @@ impl Inner {
             profile: policy.name.clone(),
         };
 
-        let abort = CallAbort::default();
         let messages = RequestMessages::new(
-            body,
+            body.0.take().unwrap_or(RequestBody::Empty),
             accepted.protocol == Protocol::GrpcWebText,
             self.max_message_size,
             abort.clone(),
@@ -265,6 +272,7 @@ impl Inner {
                         abort,
                         shutdown: self.shutdown.clone(),
                         degrade,
+                        client_reset,
                     },
                     observer,
                 ));
@@ -277,6 +285,17 @@ impl Inner {
                 );
                 response
             }
+        }
+    }
+}
+
+/// A request body not handed to the call (yet); discarded properly if the call ends first.
+struct Unread(Option<RequestBody>);
+
+impl Drop for Unread {
+    fn drop(&mut self) {
+        if let Some(body) = self.0.take() {
+            request::discard(body);
         }
     }
 }

@@ -14,8 +14,10 @@
 mod abort;
 mod admin;
 mod admission;
+mod body;
 mod conn;
 mod cors;
+mod h2server;
 pub mod ingress;
 mod listener;
 mod profiles;
@@ -39,6 +41,7 @@ use pnp_transport::http2::{Http2Options, Http2Transport};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use body::{H2Body, RequestBody};
 pub use ingress::Ingress;
 
 /// Why the proxy could not start.
@@ -109,6 +112,8 @@ impl Proxy {
             max_message_size: config.limits.max_message_size,
             keepalive_interval: config.resilience.keepalive_interval,
             keepalive_timeout: config.resilience.keepalive_timeout,
+            connections: config.upstream.connections,
+            stream_window: config.upstream.stream_window,
         })
         .map_err(io_err("configuring the upstream".into()))?;
         let tls = match &config.listener.tls {
@@ -166,6 +171,8 @@ impl Proxy {
             service,
             stop_accepting.clone(),
             header_clock,
+            listener::Settings::from_config(&config.listener),
+            metrics.clone(),
         ));
 
         let (admin_addr, admin) = match config.admin {

@@ -1,30 +1,47 @@
 //! The data-plane accept loop: one port for HTTP/1.1 and HTTP/2 (prior knowledge or ALPN).
+//!
+//! Every connection runs under budgets: a limit on open connections (over it, a new one waits
+//! briefly for a slot, then is closed), one timer for the TLS handshake and protocol detection
+//! (a socket that never finishes either is closed), TCP keepalive, and per protocol: the
+//! adaptive header-read clock for HTTP/1.1 (which also closes keep-alive connections that send
+//! no next request), PINGs and an idle timeout for HTTP/2 ([`crate::h2server`]). HTTP/1.1 goes to
+//! hyper; HTTP/2 to pnp's own stream pipe, which can reset one stream without the others.
 
 use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, Bytes, BytesMut};
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use pnp_policy::header_timeout::{HeaderTimeout, HeaderTimeoutConfig, LoadMeter};
-use tokio::net::TcpListener;
+use pnp_telemetry::Metrics;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::body::RequestBody;
+use crate::conn::{ClientReset, PeerAddr};
+use crate::h2server::{self, H2Settings};
 use crate::reply::ReplyBody;
 
-/// How long a client may take to finish the TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the adaptive header-read timeout is recomputed.
 const HEADER_CLOCK_TICK: Duration = Duration::from_secs(1);
 /// Concurrent streams per HTTP/2 connection. Browsers open at most ~100; gRPC clients multiplex
 /// many token streams over one connection.
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// The HTTP/2 connection preface a prior-knowledge client starts with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Accept queue length. tokio's `TcpListener::bind` asks for 1024, which a reconnect storm of
 /// thousands of browsers overflows (SYNs dropped, clients retry after a second); the kernel caps
@@ -47,19 +64,54 @@ pub(crate) fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 /// What is left of the listener after it stopped accepting: the open connections.
 #[derive(Debug)]
 pub(crate) struct Drain {
-    graceful: GracefulShutdown,
+    tracker: TaskTracker,
+    signal: CancellationToken,
 }
 
 impl Drain {
     /// Connections still open.
     pub(crate) fn connections(&self) -> usize {
-        self.graceful.count()
+        self.tracker.len()
     }
 
     /// Ask every connection to finish its in-flight requests and close (HTTP/2 GOAWAY, HTTP/1.1
     /// close after the current response), and wait until they have.
     pub(crate) async fn shutdown(self) {
-        self.graceful.shutdown().await;
+        self.signal.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+/// The listener's budgets and protocol settings.
+#[derive(Clone, Debug)]
+pub(crate) struct Settings {
+    /// Connections open at once.
+    pub(crate) max_connections: usize,
+    /// How long a connection over the limit waits for a slot.
+    pub(crate) connection_wait: Duration,
+    /// TLS handshake plus protocol detection.
+    pub(crate) handshake_timeout: Duration,
+    /// TCP keepalive idle time.
+    pub(crate) tcp_keepalive: Option<Duration>,
+    /// HTTP/2 settings.
+    pub(crate) h2: H2Settings,
+}
+
+impl Settings {
+    pub(crate) fn from_config(listener: &pnp_config::Listener) -> Self {
+        Self {
+            max_connections: listener.max_connections,
+            connection_wait: listener.connection_wait,
+            handshake_timeout: listener.handshake_timeout,
+            tcp_keepalive: listener.tcp_keepalive,
+            h2: H2Settings {
+                max_concurrent_streams: MAX_CONCURRENT_STREAMS,
+                keepalive_interval: listener.keepalive_interval,
+                keepalive_timeout: listener.keepalive_timeout,
+                idle_timeout: listener.idle_timeout,
+            },
+        }
     }
 }
 
@@ -123,57 +175,101 @@ impl HeaderClock {
     }
 }
 
-/// Records the first request of a connection with the header clock.
+/// Per-connection context for each request: the client's address and, for HTTP/1.1 (one call
+/// at a time), the signal that closes the connection; and the first request's arrival for the
+/// header clock.
 #[derive(Clone)]
-struct FirstRequest<S> {
+struct ConnContext<S> {
     inner: S,
-    peer: std::net::SocketAddr,
+    peer: SocketAddr,
+    reset: Option<CancellationToken>,
     accepted: Instant,
     seen: Arc<AtomicBool>,
     clock: Arc<HeaderClock>,
 }
 
-impl<S, B> tower::Service<Request<B>> for FirstRequest<S>
+impl<S> tower::Service<Request<RequestBody>> for ConnContext<S>
 where
-    S: tower::Service<Request<B>>,
+    S: tower::Service<Request<RequestBody>>,
 {
     type Response = S::Response;
     type Error = S::Error;
     type Future = S::Future;
 
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        request
-            .extensions_mut()
-            .insert(crate::conn::PeerAddr(self.peer));
+    fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
         if !self.seen.swap(true, Ordering::AcqRel) {
             self.clock.record(self.accepted.elapsed());
+        }
+        let extensions = request.extensions_mut();
+        extensions.insert(PeerAddr(self.peer));
+        if let Some(reset) = &self.reset {
+            extensions.insert(ClientReset(reset.clone()));
         }
         self.inner.call(request)
     }
 }
 
-pub(crate) async fn serve<S>(
+/// The service every connection serves.
+pub(crate) trait CallService:
+    tower::Service<
+        Request<RequestBody>,
+        Response = Response<ReplyBody>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> CallService for S where
+    S: tower::Service<
+            Request<RequestBody>,
+            Response = Response<ReplyBody>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// Everything a connection task needs, shared.
+struct Shared<S> {
+    service: S,
+    tls: Option<TlsAcceptor>,
+    header_clock: Arc<HeaderClock>,
+    settings: Settings,
+    slots: Arc<Semaphore>,
+    metrics: Metrics,
+    drain: CancellationToken,
+}
+
+pub(crate) async fn serve<S: CallService>(
     tcp: TcpListener,
     tls: Option<TlsAcceptor>,
     service: S,
     stop: CancellationToken,
     header_clock: Arc<HeaderClock>,
-) -> Drain
-where
-    S: tower::Service<Request<Incoming>, Response = Response<ReplyBody>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let graceful = GracefulShutdown::new();
+    settings: Settings,
+    metrics: Metrics,
+) -> Drain {
+    let tracker = TaskTracker::new();
+    let shared = Arc::new(Shared {
+        service,
+        tls,
+        header_clock,
+        slots: Arc::new(Semaphore::new(settings.max_connections)),
+        settings,
+        metrics,
+        drain: CancellationToken::new(),
+    });
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -188,62 +284,308 @@ where
                 continue;
             }
         };
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "set_nodelay failed");
-        }
-        let watcher = graceful.watcher();
-        let builder = connection_builder(header_clock.current());
-        let service = TowerToHyperService::new(FirstRequest {
-            inner: service.clone(),
-            peer,
-            accepted: Instant::now(),
-            seen: Arc::new(AtomicBool::new(false)),
-            clock: header_clock.clone(),
-        });
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let result = match tls {
-                None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
-                }
-                Some(acceptor) => {
-                    let stream =
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                            .await
-                        {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        tracker.spawn(connection(stream, peer, shared.clone()));
     }
-    Drain { graceful }
+    Drain {
+        tracker,
+        signal: shared.drain.clone(),
+    }
 }
 
-/// Connection settings; the header-read timeout is the clock's value when it was accepted.
-fn connection_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+/// One client connection, from accept to close.
+async fn connection<S: CallService>(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared<S>>) {
+    let accepted = Instant::now();
+    let settings = &shared.settings;
+    let slot = match shared.slots.clone().try_acquire_owned() {
+        Ok(slot) => slot,
+        Err(_) => {
+            let wait = tokio::time::timeout(
+                settings.connection_wait,
+                shared.slots.clone().acquire_owned(),
+            );
+            match wait.await {
+                Ok(Ok(slot)) => slot,
+                _ => {
+                    tracing::debug!(%peer, limit = settings.max_connections, "connection limit reached; closing");
+                    shared.metrics.connection_refused("limit");
+                    return;
+                }
+            }
+        }
+    };
+    let open = shared.metrics.connections_open();
+    open.inc();
+    let _open = scopeguard(move || {
+        open.dec();
+        drop(slot);
+    });
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "set_nodelay failed");
+    }
+    if let Some(idle) = settings.tcp_keepalive {
+        let keepalive = socket2::TcpKeepalive::new().with_time(idle);
+        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+            tracing::debug!(error = %e, "setting TCP keepalive failed");
+        }
+    }
+    let handshake_deadline = tokio::time::Instant::from_std(accepted + settings.handshake_timeout);
+    match shared.tls.clone() {
+        None => serve_detected(stream, false, peer, accepted, handshake_deadline, &shared).await,
+        Some(acceptor) => {
+            let stream =
+                match tokio::time::timeout_at(handshake_deadline, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        shared.metrics.connection_refused("handshake_failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        shared.metrics.connection_refused("handshake_timeout");
+                        return;
+                    }
+                };
+            let alpn_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            serve_detected(stream, alpn_h2, peer, accepted, handshake_deadline, &shared).await;
+        }
+    }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
+/// Which protocol the client speaks: HTTP/2 when ALPN said so or the connection starts with the
+/// HTTP/2 preface, HTTP/1.1 otherwise. The bytes read to tell are replayed to the server.
+async fn serve_detected<IO, S>(
+    mut io: IO,
+    alpn_h2: bool,
+    peer: SocketAddr,
+    accepted: Instant,
+    handshake_deadline: tokio::time::Instant,
+    shared: &Shared<S>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: CallService,
+{
+    let (h2, prefix) = if alpn_h2 {
+        (true, Bytes::new())
+    } else {
+        match tokio::time::timeout_at(handshake_deadline, detect(&mut io)).await {
+            Ok(Ok(Some(detected))) => detected,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "reading the first bytes failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "no request within the handshake timeout; closing");
+                shared.metrics.connection_refused("handshake_timeout");
+                return;
+            }
+        }
+    };
+    let io = Rewind { prefix, inner: io };
+    let context = |reset| ConnContext {
+        inner: shared.service.clone(),
+        peer,
+        reset,
+        accepted,
+        seen: Arc::new(AtomicBool::new(false)),
+        clock: shared.header_clock.clone(),
+    };
+    if h2 {
+        let served = h2server::serve(
+            io,
+            context(None),
+            &shared.settings.h2,
+            peer,
+            handshake_deadline,
+            shared.drain.clone(),
+            shared.metrics.clone(),
+        )
+        .await;
+        if let Err(e) = served {
+            tracing::debug!(%peer, error = %e, "HTTP/2 connection ended with an error");
+        }
+    } else {
+        let kill = CancellationToken::new();
+        let service = tower::ServiceBuilder::new()
+            .map_request(|request: Request<Incoming>| request.map(RequestBody::Http1))
+            .service(context(Some(kill.clone())));
+        serve_h1(io, service, shared, peer, &kill).await;
+    }
+}
+
+/// Serve HTTP/1.1 until the connection closes, drains, or `kill` fires (a call whose status the
+/// client does not read: the connection carries only that call, and closing it is the reset).
+async fn serve_h1<IO, S>(
+    io: IO,
+    service: S,
+    shared: &Shared<impl CallService>,
+    peer: SocketAddr,
+    kill: &CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<Request<Incoming>, Response = Response<ReplyBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
-    builder
+        .header_read_timeout(shared.header_clock.current());
+    let mut conn =
+        pin!(builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service)));
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            () = shared.drain.cancelled(), if !draining => {
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            () = kill.cancelled() => {
+                tracing::debug!(%peer, "closing an HTTP/1.1 connection whose call ended unread");
+                shared.metrics.client_reset("h1");
+                return;
+            }
+        }
+    }
+}
+
+/// Read until the connection's first bytes tell HTTP/2 (the full preface) from HTTP/1.1 (any
+/// byte that differs from it). `None` when the client closed first.
+async fn detect<IO: AsyncRead + Unpin>(io: &mut IO) -> io::Result<Option<(bool, Bytes)>> {
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        let n = io.read_buf(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let seen = buf.len().min(H2_PREFACE.len());
+        if buf[..seen] != H2_PREFACE[..seen] {
+            return Ok(Some((false, buf.freeze())));
+        }
+        if buf.len() >= H2_PREFACE.len() {
+            return Ok(Some((true, buf.freeze())));
+        }
+    }
+}
+
+/// An I/O stream that first replays bytes already read from it.
+struct Rewind<IO> {
+    prefix: Bytes,
+    inner: IO,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.prefix.has_remaining() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn detects_the_h2_preface_and_replays_it() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let write = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for chunk in H2_PREFACE.chunks(5) {
+                client.write_all(chunk).await.expect("write");
+                tokio::task::yield_now().await;
+            }
+            client
+        });
+        let (h2, prefix) = detect(&mut server).await.expect("read").expect("bytes");
+        assert!(h2);
+        assert_eq!(&prefix[..], H2_PREFACE);
+        drop(write.await);
+    }
+
+    #[tokio::test]
+    async fn one_differing_byte_means_http1() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        use tokio::io::AsyncWriteExt;
+        client
+            .write_all(b"POST /x HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        let (h2, prefix) = detect(&mut server).await.expect("read").expect("bytes");
+        assert!(!h2);
+        let mut rewind = Rewind {
+            prefix,
+            inner: server,
+        };
+        let mut first = [0u8; 4];
+        rewind.read_exact(&mut first).await.expect("replayed");
+        assert_eq!(&first, b"POST");
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_is_none() {
+        let (client, mut server) = tokio::io::duplex(64);
+        drop(client);
+        assert!(detect(&mut server).await.expect("read").is_none());
+    }
 }

@@ -1,25 +1,33 @@
 //! Driving a reply back to the client.
 //!
-//! [`ReplyBody`] is the response body hyper writes. It pulls reply items from the egress
+//! [`ReplyBody`] is the response body the connection writes. It pulls reply items from the egress
 //! transport and encodes each one as soon as it arrives (one HTTP/2 DATA frame or one HTTP/1.1
-//! chunk per message: never buffered). It also owns the call's clocks: on the deadline it ends
-//! the call with DEADLINE_EXCEEDED, on the end of the shutdown grace period with UNAVAILABLE, and
-//! on a request-side error with that error's status. Ending the call drops the upstream stream,
-//! which resets it (RST_STREAM CANCEL). When the client goes away hyper drops this body, and the
-//! upstream stream is reset the same way.
+//! chunk per message: never buffered).
+//!
+//! The call's clocks do not live in the body's poll, because a client that stops reading stops
+//! the polls too. A **watchdog** task per call runs them instead: on the deadline it ends the call
+//! with DEADLINE_EXCEEDED, on a stream clock with UNAVAILABLE, at the end of the shutdown grace
+//! period with UNAVAILABLE, on a request-side error with that error's status. Ending the call
+//! drops the upstream stream (RST_STREAM CANCEL upstream), stops the request pipe (so a
+//! client-streaming upstream is reset too), records the call and releases its admission permit,
+//! all at once, and leaves the status frame for the body. If the client has not taken that
+//! frame [`STATUS_GRACE`] later, the watchdog fires the call's [`ClientReset`]: the client's
+//! HTTP/2 stream is reset or its HTTP/1.1 connection closed. When the client goes away the
+//! connection drops this body, which resets the upstream the same way.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pnp_call::{BoxReplyStream, GuardEvent, ReplyGuard, ReplyItem, Status};
 use pnp_wire::frame::FrameBuf;
 use pnp_wire::{text, trailers};
-use tokio::time::Sleep;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 
 use std::time::Instant;
 
@@ -32,7 +40,12 @@ use tokio::time::Instant as TokioInstant;
 
 use crate::abort::CallAbort;
 use crate::admission::Permit;
+use crate::conn::ClientReset;
 use crate::request::RequestActivity;
+
+/// How long a client has to take a call's final status once pnp ended the call, before its
+/// stream is reset (HTTP/2) or its connection closed (HTTP/1.1).
+pub(crate) const STATUS_GRACE: Duration = Duration::from_secs(1);
 
 /// How replies are written to this client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +120,17 @@ impl CallClocks {
         }
     }
 
+    /// When the watchdog should look at the clocks next. Besides the clocks' own next expiry,
+    /// this is never later than `now + idle gap` while the first-message clock runs: the first
+    /// response message starts the idle clock, whose expiry can then be as early as that.
+    fn next_check(&self, now: Instant) -> Option<Instant> {
+        let pending_idle = self.stream.idle_pending().map(|gap| now + gap);
+        match (self.next_wake(), pending_idle) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// A response message went out now.
     fn on_response_message(&mut self) {
         self.stream.on_message(Instant::now(), Direction::Response);
@@ -142,6 +166,9 @@ pub(crate) struct Clocks {
     pub(crate) shutdown: CancellationToken,
     /// Answer with one buffered reply instead of a stream (load shedding).
     pub(crate) degrade: bool,
+    /// Resets the client's stream (or closes its HTTP/1.1 connection) when it does not take
+    /// the status of a call pnp ended; `None` where the connection offers no such signal.
+    pub(crate) client_reset: Option<ClientReset>,
 }
 
 /// The status of calls still running when the shutdown grace period is over.
@@ -228,10 +255,28 @@ enum State {
     /// Nothing to send: a Trailers-Only response or an HTTP error.
     #[default]
     Empty,
-    Streaming(Box<Streaming>),
+    Streaming(Arc<Shared>),
     /// A complete body known up front (the demo page and its assets).
     Full(bytes::Bytes),
     Done,
+}
+
+/// A streaming call, shared by its body and its watchdog.
+struct Shared {
+    call: Mutex<Streaming>,
+    /// Fired once the call's final frame was handed to the connection, or the body was dropped:
+    /// the watchdog's work is over.
+    finished: CancellationToken,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Streaming> {
+        // A panic while the lock was held cannot leave the call half-updated in a way that
+        // matters more than ending it; carry on with the data.
+        self.call
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 struct Streaming {
@@ -239,17 +284,14 @@ struct Streaming {
     items: Option<BoxReplyStream>,
     guard: ReplyGuard,
     clocks: CallClocks,
-    /// Armed at the earliest of the deadline and the stream clocks; re-armed lazily when it
-    /// fires (messages only ever push the clocks later).
-    timer: Option<Pin<Box<Sleep>>>,
     /// Degraded call: messages gathered here and sent as one reply with the status.
     buffer: Option<BytesMut>,
-    /// A frame waiting its turn (the status after a buffered reply).
-    pending: Option<Frame<FrameBuf>>,
-    abort: CallAbort,
-    aborted: Pin<Box<WaitForCancellationFutureOwned>>,
-    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Frames waiting their turn, in order: a status that came in a coalesced burst, a buffered
+    /// reply and its status, a status the watchdog decided while the body was not polled.
+    queue: VecDeque<Frame<FrameBuf>>,
     observer: Observer,
+    /// The body's task, woken when the watchdog ends the call.
+    waker: Option<Waker>,
 }
 
 impl ReplyBody {
@@ -267,52 +309,121 @@ impl ReplyBody {
         }
     }
 
+    /// A streaming reply; starts the call's watchdog.
     pub(crate) fn streaming(
         encoding: Encoding,
         items: BoxReplyStream,
         clocks: Clocks,
         observer: Observer,
     ) -> Self {
-        let aborted = Box::pin(clocks.abort.token().clone().cancelled_owned());
-        let wake = clocks.call.next_wake();
-        Self {
-            state: State::Streaming(Box::new(Streaming {
+        let shared = Arc::new(Shared {
+            call: Mutex::new(Streaming {
                 encoding,
                 items: Some(items),
                 guard: ReplyGuard::new(),
                 clocks: clocks.call,
-                timer: wake
-                    .map(|at| Box::pin(tokio::time::sleep_until(TokioInstant::from_std(at)))),
                 buffer: clocks.degrade.then(BytesMut::new),
-                pending: None,
-                abort: clocks.abort,
-                aborted,
-                shutdown: Box::pin(clocks.shutdown.cancelled_owned()),
+                queue: VecDeque::new(),
                 observer,
-            })),
+                waker: None,
+            }),
+            finished: CancellationToken::new(),
+        });
+        tokio::spawn(watchdog(
+            shared.clone(),
+            clocks.abort,
+            clocks.shutdown,
+            clocks.client_reset,
+        ));
+        Self {
+            state: State::Streaming(shared),
+        }
+    }
+}
+
+/// Runs a streaming call's clocks and aborts whether or not the client reads (see the module
+/// docs); ends the call when one fires, then gives the client [`STATUS_GRACE`] to take the
+/// status before resetting it.
+async fn watchdog(
+    shared: Arc<Shared>,
+    abort: CallAbort,
+    shutdown: CancellationToken,
+    client_reset: Option<ClientReset>,
+) {
+    let status = loop {
+        let wake = shared.lock().clocks.next_check(Instant::now());
+        let sleep = async {
+            match wake {
+                Some(at) => tokio::time::sleep_until(TokioInstant::from_std(at)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = shared.finished.cancelled() => return,
+            () = abort.token().cancelled() => break abort.status_or_cancelled(),
+            () = shutdown.cancelled() => break shutdown_status(),
+            () = sleep => {
+                let mut call = shared.lock();
+                let call = &mut *call;
+                let expired = call.clocks.expired(
+                    Instant::now(),
+                    &call.observer.metrics,
+                    "while streaming",
+                );
+                if let Some(status) = expired {
+                    break status;
+                }
+            }
+        }
+    };
+    {
+        let mut call = shared.lock();
+        if !call.end(status.clone()) {
+            // The call had ended on its own in the meantime.
+            return;
+        }
+        if let Some(waker) = call.waker.take() {
+            waker.wake();
+        }
+    }
+    // Stop the request side too: a client-streaming upstream is reset even while its client
+    // keeps the request open.
+    abort.abort(status);
+    tokio::select! {
+        () = shared.finished.cancelled() => {}
+        () = tokio::time::sleep(STATUS_GRACE) => {
+            if let Some(ClientReset(reset)) = client_reset {
+                tracing::debug!(
+                    parent: &shared.lock().observer.span,
+                    "client did not take the final status; resetting its stream"
+                );
+                reset.cancel();
+            }
         }
     }
 }
 
 impl Streaming {
-    /// The proxy ends the call: drop the upstream (which resets it) and report `status`.
-    fn end(&mut self, status: Status) -> Option<Frame<FrameBuf>> {
+    /// The proxy ends the call: drop the upstream (which resets it) and queue `status`.
+    /// `false` when the call had already ended.
+    fn end(&mut self, status: Status) -> bool {
         self.items = None;
-        let status = self.guard.abort(status)?;
-        Some(self.final_frame(&status))
+        let Some(status) = self.guard.abort(status) else {
+            return false;
+        };
+        self.queue_final(&status);
+        true
     }
 
-    /// The frame that carries the final status, behind the buffered reply if there is one.
-    fn final_frame(&mut self, status: &Status) -> Frame<FrameBuf> {
+    /// Queue the frame that carries the final status, behind the buffered reply if there is
+    /// one, and record the call's end.
+    fn queue_final(&mut self, status: &Status) {
         self.observer.finish(status);
-        let status_frame = self.encoding.status(status);
-        match self.buffer.take() {
-            Some(buffer) if !buffer.is_empty() => {
-                self.pending = Some(status_frame);
-                Frame::data(FrameBuf::raw(buffer.freeze()))
-            }
-            _ => status_frame,
+        if let Some(buffer) = self.buffer.take().filter(|b| !b.is_empty()) {
+            self.queue
+                .push_back(Frame::data(FrameBuf::raw(buffer.freeze())));
         }
+        self.queue.push_back(self.encoding.status(status));
     }
 
     /// A response message leaves: count it, reset the clocks, encode it.
@@ -327,7 +438,7 @@ impl Streaming {
     /// only items that are ready now are taken, so latency is unchanged. One frame per tiny
     /// message costs a frame header and a write each, and h2 >= 0.4.17 clients (tonic) answer
     /// a pile-up of unread small DATA frames with GOAWAY ENHANCE_YOUR_CALM. A status that
-    /// arrives in the burst waits in `pending`.
+    /// arrives in the burst waits in the queue.
     fn coalesce(&mut self, first: FrameBuf, cx: &mut Context<'_>) -> FrameBuf {
         use bytes::Buf as _;
         if first.remaining() >= COALESCE_LIMIT {
@@ -353,7 +464,7 @@ impl Streaming {
                 }
                 GuardEvent::Deliver(ReplyItem::Status(status)) => {
                     self.items = None;
-                    self.pending = Some(self.final_frame(&status));
+                    self.queue_final(&status);
                     break;
                 }
                 GuardEvent::Done => break,
@@ -365,42 +476,19 @@ impl Streaming {
         }
     }
 
-    /// Run the clocks that are due. `Some(status)` when one of them ends the call.
-    fn poll_clocks(&mut self, cx: &mut Context<'_>) -> Option<Status> {
-        while let Some(timer) = self.timer.as_mut() {
-            if timer.as_mut().poll(cx).is_pending() {
-                return None;
-            }
-            if let Some(status) =
-                self.clocks
-                    .expired(Instant::now(), &self.observer.metrics, "while streaming")
-            {
-                return Some(status);
-            }
-            match self.clocks.next_wake() {
-                Some(at) => timer.as_mut().reset(TokioInstant::from_std(at)),
-                None => self.timer = None,
-            }
-        }
-        None
-    }
-
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Frame<FrameBuf>>> {
-        if let Some(frame) = self.pending.take() {
+        if let Some(frame) = self.queue.pop_front() {
             return Poll::Ready(Some(frame));
         }
         if self.guard.is_finished() {
             return Poll::Ready(None);
         }
-        if self.aborted.as_mut().poll(cx).is_ready() {
-            let status = self.abort.status_or_cancelled();
-            return Poll::Ready(self.end(status));
-        }
-        if self.shutdown.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(self.end(shutdown_status()));
-        }
-        if let Some(status) = self.poll_clocks(cx) {
-            return Poll::Ready(self.end(status));
+        if !self
+            .waker
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()))
+        {
+            self.waker = Some(cx.waker().clone());
         }
         let Some(items) = self.items.as_mut() else {
             return Poll::Ready(None);
@@ -424,10 +512,16 @@ impl Streaming {
             }
             GuardEvent::Deliver(ReplyItem::Status(status)) => {
                 self.items = None;
-                Poll::Ready(Some(self.final_frame(&status)))
+                self.queue_final(&status);
+                Poll::Ready(self.queue.pop_front())
             }
             GuardEvent::Done => Poll::Ready(None),
         }
+    }
+
+    /// Whether the final frame has left (nothing of the call remains to be written).
+    fn is_over(&self) -> bool {
+        self.guard.is_finished() && self.queue.is_empty()
     }
 }
 
@@ -447,15 +541,25 @@ impl Body for ReplyBody {
                 this.state = State::Done;
                 Poll::Ready(Some(Ok(Frame::data(FrameBuf::raw(bytes)))))
             }
-            State::Streaming(streaming) => match streaming.poll_frame(cx) {
-                // (The span is passed explicitly as the parent of each event.)
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(None) => {
-                    this.state = State::Done;
-                    Poll::Ready(None)
+            State::Streaming(shared) => {
+                let (polled, over) = {
+                    let mut call = shared.lock();
+                    let polled = call.poll_frame(cx);
+                    (polled, call.is_over())
+                };
+                if over {
+                    shared.finished.cancel();
                 }
-                Poll::Ready(Some(frame)) => Poll::Ready(Some(Ok(frame))),
-            },
+                match polled {
+                    // (The span is passed explicitly as the parent of each event.)
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(None) => {
+                        this.state = State::Done;
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Some(frame)) => Poll::Ready(Some(Ok(frame))),
+                }
+            }
         }
     }
 
@@ -468,6 +572,17 @@ impl Body for ReplyBody {
             State::Empty | State::Done => SizeHint::with_exact(0),
             State::Full(bytes) => SizeHint::with_exact(bytes.len() as u64),
             State::Streaming(_) => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for ReplyBody {
+    /// The connection let go of the body: the client went away (or the reply was written).
+    /// Drop the upstream stream now, which resets it, and stop the watchdog.
+    fn drop(&mut self) {
+        if let State::Streaming(shared) = &self.state {
+            shared.lock().items = None;
+            shared.finished.cancel();
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Request bodies as a stream of messages.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -9,7 +10,6 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use futures_core::Stream;
 use http_body::Body;
-use hyper::body::Incoming;
 use pnp_call::{Code, Message, Status};
 use pnp_wire::frame::{Frame, FrameDecoder, FrameError, FrameKind};
 use pnp_wire::text::{Base64Decoder, TextError};
@@ -17,13 +17,19 @@ use pnp_wire::text::{Base64Decoder, TextError};
 use pnp_telemetry::Counter;
 
 use crate::abort::CallAbort;
+use crate::body::RequestBody;
 
 /// Decodes a gRPC or gRPC-Web request body into messages. Bad input ends the call: the error
 /// status goes to the reply driver through [`CallAbort`] (so the client sees *this* status, not
 /// the upstream reset it causes) and the stream yields an error, which resets the upstream stream.
+/// The other way round, when the proxy ends the call (a clock, shutdown) while the client still
+/// sends, the stream yields that status as an error too: the upstream stream is reset at once
+/// instead of living until the client half-closes.
 pub(crate) struct RequestMessages {
     /// `None` only once dropped (the rest of the body went to [`drain`]).
-    body: Option<Incoming>,
+    body: Option<RequestBody>,
+    /// Fires when the call is ended by anyone.
+    aborted: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     text: Option<Base64Decoder>,
     decoder: FrameDecoder,
     abort: CallAbort,
@@ -65,7 +71,7 @@ impl RequestActivity {
 
 impl RequestMessages {
     pub(crate) fn new(
-        body: Incoming,
+        body: RequestBody,
         text: bool,
         max_message_size: usize,
         abort: CallAbort,
@@ -73,6 +79,7 @@ impl RequestMessages {
         activity: RequestActivity,
     ) -> Self {
         Self {
+            aborted: Box::pin(abort.token().clone().cancelled_owned()),
             body: Some(body),
             text: text.then(Base64Decoder::new),
             decoder: FrameDecoder::new(FrameKind::Grpc, max_message_size),
@@ -146,7 +153,12 @@ impl Stream for RequestMessages {
             let Some(body) = this.body.as_mut() else {
                 return Poll::Ready(None);
             };
-            match ready!(Pin::new(body).poll_frame(cx)) {
+            let polled = Pin::new(body).poll_frame(cx);
+            if polled.is_pending() && this.aborted.as_mut().poll(cx).is_ready() {
+                this.done = true;
+                return Poll::Ready(Some(Err(this.abort.status_or_cancelled())));
+            }
+            match ready!(polled) {
                 Some(Ok(frame)) => {
                     let Ok(data) = frame.into_data() else {
                         // HTTP/2 request trailers carry nothing for gRPC.
@@ -191,15 +203,24 @@ const DRAIN_LIMIT_TIME: std::time::Duration = std::time::Duration::from_millis(5
 
 impl Drop for RequestMessages {
     fn drop(&mut self) {
-        let Some(body) = self.body.take() else {
-            return;
-        };
-        if self.done || body.is_end_stream() {
-            return;
+        if let Some(body) = self.body.take() {
+            discard(body);
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(drain(body));
-        }
+    }
+}
+
+/// Let go of a request body the call will not read (the call ended early, say refused at the
+/// door): an HTTP/1.1 body is read to its end in the background (see [`drain`]); an HTTP/2
+/// stream needs nothing, h2 resets it with NO_ERROR once the response is complete.
+pub(crate) fn discard(body: RequestBody) {
+    let RequestBody::Http1(body) = body else {
+        return;
+    };
+    if body.is_end_stream() {
+        return;
+    }
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(drain(body));
     }
 }
 
@@ -208,7 +229,7 @@ impl Drop for RequestMessages {
 /// body was dropped unread, and a client that sends the body after the head (Node's http
 /// module, so connect-node and grpc-web under Node) then fails with EPIPE although its reply
 /// was complete. Bounded in bytes and time, so a large or endless upload is still cut off.
-async fn drain(mut body: Incoming) {
+async fn drain(mut body: hyper::body::Incoming) {
     let read = async {
         let mut read = 0usize;
         while let Some(Ok(frame)) =

@@ -117,6 +117,11 @@ struct ShedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabels {
+    protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabels {
     upstream: Label,
 }
@@ -153,6 +158,9 @@ struct Inner {
     shed: Family<ShedLabels, Counter>,
     breaker_state: Family<UpstreamLabels, Gauge>,
     queue_depth: Gauge,
+    connections_open: Gauge,
+    connections_refused: Family<ShedLabels, Counter>,
+    client_resets: Family<ProtocolLabels, Counter>,
     methods: BoundedValues,
     jobs: BoundedValues,
 }
@@ -248,6 +256,24 @@ impl Metrics {
             "Calls waiting for upstream response headers",
             queue_depth.clone(),
         );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Client connections open on the data-plane listener",
+            connections_open.clone(),
+        );
+        let connections_refused = Family::default();
+        registry.register(
+            "connections_refused",
+            "Client connections closed before serving a request, by reason (limit, handshake_timeout, handshake_failed)",
+            connections_refused.clone(),
+        );
+        let client_resets = Family::default();
+        registry.register(
+            "client_resets",
+            "Calls pnp ended whose final status the client did not read in time, so its stream was reset (HTTP/2) or its connection closed (HTTP/1.1), by protocol",
+            client_resets.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -264,6 +290,9 @@ impl Metrics {
                 shed,
                 breaker_state,
                 queue_depth,
+                connections_open,
+                connections_refused,
+                client_resets,
                 methods: BoundedValues::new(METHOD_LIMIT),
                 jobs: BoundedValues::new(JOB_LIMIT),
             }),
@@ -361,6 +390,28 @@ impl Metrics {
     /// The gauge of calls waiting for upstream response headers.
     pub fn queue_depth(&self) -> Gauge {
         self.inner.queue_depth.clone()
+    }
+
+    /// The gauge of open client connections.
+    pub fn connections_open(&self) -> Gauge {
+        self.inner.connections_open.clone()
+    }
+
+    /// A client connection was closed before it was served, for `reason`.
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.inner
+            .connections_refused
+            .get_or_create(&ShedLabels { reason })
+            .inc();
+    }
+
+    /// A call's client stream was reset (or its HTTP/1.1 connection closed) because the
+    /// client did not read the call's final status; `protocol` is `h1` or `h2`.
+    pub fn client_reset(&self, protocol: &'static str) {
+        self.inner
+            .client_resets
+            .get_or_create(&ProtocolLabels { protocol })
+            .inc();
     }
 
     /// One of pnp's clocks ended a call.

@@ -1,12 +1,17 @@
 //! gRPC over HTTP/2 to an upstream, cleartext (h2c prior knowledge) or TLS (ALPN `h2`).
 //!
-//! Connections are pooled and multiplexed by hyper-util's client. Requests carry
+//! Calls are spread over a small pool of connections (each call on the one with the fewest calls
+//! in flight), so load spreads behind L4 balancers and past the upstream's
+//! MAX_CONCURRENT_STREAMS. Flow control isolates calls: each stream's receive window bounds what
+//! one call can hold unread in pnp, and the connection window is as large as HTTP/2 allows, so
+//! streams whose clients stopped reading never exhaust it for the others. Requests carry
 //! `te: trailers` and the remaining deadline as `grpc-timeout` (PROTOCOL-HTTP2.md "Requests").
 //! Replies are decoded frame by frame, so each message reaches the client as soon as it arrives.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -49,13 +54,39 @@ pub struct Http2Options {
     pub keepalive_interval: Duration,
     /// How long a PING may go unanswered before the connection is closed.
     pub keepalive_timeout: Duration,
+    /// Connections in the pool (at least 1).
+    pub connections: usize,
+    /// Receive window per stream: the most one call holds unread from the upstream.
+    pub stream_window: u32,
 }
+
+/// The connection receive window: HTTP/2's maximum (RFC 9113 §6.9.1), so only stream windows
+/// ever bind. With the default 1 MiB stream window it takes 2048 stalled streams on one
+/// connection to fill it, and the clocks end stalled calls long before that.
+const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 
 /// The HTTP/2 egress transport: a cloneable [`tower::Service`] over the call model.
 #[derive(Clone)]
 pub struct Http2Transport {
-    client: Client<HttpsConnector<HttpConnector>, EgressBody>,
+    pool: Arc<[PooledClient]>,
     base: Arc<Base>,
+}
+
+/// One pooled connection (a hyper-util client keeps one HTTP/2 connection per authority) and
+/// the calls in flight on it.
+struct PooledClient {
+    client: Client<HttpsConnector<HttpConnector>, EgressBody>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// A call's place on a pooled connection; released when the reply stream (or the failed
+/// request) is dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 struct Base {
@@ -130,24 +161,29 @@ impl Http2Transport {
             .enable_http2()
             .wrap_connector(http);
 
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            // An idle pooled connection is closed after this; one with a stream in flight is
-            // never idle, whatever its age.
-            .pool_idle_timeout(Duration::from_secs(90))
-            .http2_keep_alive_interval(Some(options.keepalive_interval))
-            .http2_keep_alive_timeout(options.keepalive_timeout)
-            .http2_keep_alive_while_idle(false)
-            .http2_only(true)
-            .http2_adaptive_window(false)
-            .http2_initial_stream_window_size(Some(1 << 20))
-            .http2_initial_connection_window_size(Some(4 << 20))
-            .http2_max_frame_size(Some(64 << 10))
-            .build(connector);
+        let pool = (0..options.connections.max(1))
+            .map(|_| PooledClient {
+                client: Client::builder(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .pool_timer(TokioTimer::new())
+                    // An idle pooled connection is closed after this; one with a stream in
+                    // flight is never idle, whatever its age.
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .http2_keep_alive_interval(Some(options.keepalive_interval))
+                    .http2_keep_alive_timeout(options.keepalive_timeout)
+                    .http2_keep_alive_while_idle(false)
+                    .http2_only(true)
+                    .http2_adaptive_window(false)
+                    .http2_initial_stream_window_size(Some(options.stream_window))
+                    .http2_initial_connection_window_size(Some(CONNECTION_WINDOW))
+                    .http2_max_frame_size(Some(64 << 10))
+                    .build(connector.clone()),
+                in_flight: Arc::new(AtomicUsize::new(0)),
+            })
+            .collect();
 
         Ok(Self {
-            client,
+            pool,
             base: Arc::new(Base {
                 scheme: if tls {
                     http::uri::Scheme::HTTPS
@@ -158,6 +194,21 @@ impl Http2Transport {
                 max_message_size: options.max_message_size,
             }),
         })
+    }
+
+    /// The pooled connection with the fewest calls in flight (the first of equals, so a lightly
+    /// used upstream keeps to one connection).
+    fn least_busy(&self) -> &PooledClient {
+        let mut best = &self.pool[0];
+        let mut best_load = best.in_flight.load(Ordering::Acquire);
+        for pooled in self.pool.iter().skip(1) {
+            let load = pooled.in_flight.load(Ordering::Acquire);
+            if load < best_load {
+                best = pooled;
+                best_load = load;
+            }
+        }
+        best
     }
 
     fn request(&self, call: Call) -> Result<Request<EgressBody>, TransportError> {
@@ -217,20 +268,27 @@ impl tower::Service<Call> for Http2Transport {
 
     fn call(&mut self, call: Call) -> Self::Future {
         let request = self.request(call);
-        let client = self.client.clone();
+        let pooled = self.least_busy();
+        pooled.in_flight.fetch_add(1, Ordering::AcqRel);
+        let in_flight = InFlight(pooled.in_flight.clone());
+        let client = pooled.client.clone();
         let max = self.base.max_message_size;
         Box::pin(async move {
             let response = client
                 .request(request?)
                 .await
                 .map_err(|e| TransportError::from_http(&e, "upstream request failed"))?;
-            Ok(reply_from_response(response, max))
+            Ok(reply_from_response(response, max, in_flight))
         })
     }
 }
 
 /// Turn an upstream HTTP response into a reply (PROTOCOL-HTTP2.md "Responses").
-fn reply_from_response(response: Response<Incoming>, max_message_size: usize) -> Reply {
+fn reply_from_response(
+    response: Response<Incoming>,
+    max_message_size: usize,
+    in_flight: InFlight,
+) -> Reply {
     let (parts, body) = response.into_parts();
     if parts.status != StatusCode::OK {
         // http-grpc-status-mapping.md: a non-200 reply is mapped from its HTTP status, whatever
@@ -277,6 +335,7 @@ fn reply_from_response(response: Response<Incoming>, max_message_size: usize) ->
             body,
             decoder: FrameDecoder::new(FrameKind::Grpc, max_message_size),
             done: false,
+            _in_flight: in_flight,
         }),
     }
 }
@@ -296,6 +355,7 @@ struct ReplyStream {
     body: Incoming,
     decoder: FrameDecoder,
     done: bool,
+    _in_flight: InFlight,
 }
 
 impl ReplyStream {

@@ -1,0 +1,107 @@
+//! Request bodies from either HTTP stack: hyper's [`Incoming`] (HTTP/1.1) or an h2
+//! [`RecvStream`] (HTTP/2, served by [`crate::h2server`]).
+
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+/// Why a request body could not be read (the client reset the stream, the connection broke).
+pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body as the ingress reads it.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// HTTP/1.1, read by hyper.
+    Http1(Incoming),
+    /// HTTP/2, read from an h2 stream.
+    Http2(H2Body),
+    /// No body (tests, requests made in-process).
+    Empty,
+}
+
+impl From<Incoming> for RequestBody {
+    fn from(body: Incoming) -> Self {
+        RequestBody::Http1(body)
+    }
+}
+
+/// An HTTP/2 request body. Flow-control capacity goes back to the client as soon as a chunk is
+/// handed on, so the client's window is what bounds the bytes pnp holds for the stream.
+#[derive(Debug)]
+pub struct H2Body {
+    recv: h2::RecvStream,
+    data_done: bool,
+}
+
+impl H2Body {
+    pub(crate) fn new(recv: h2::RecvStream) -> Self {
+        let data_done = recv.is_end_stream();
+        Self { recv, data_done }
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // A failure here means the stream is gone; the next poll reports it.
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e.into()))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            RequestBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            RequestBody::Http2(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Http1(body) => body.is_end_stream(),
+            RequestBody::Http2(body) => body.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Http1(body) => body.size_hint(),
+            RequestBody::Http2(_) => SizeHint::default(),
+            RequestBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
