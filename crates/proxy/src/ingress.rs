@@ -197,9 +197,10 @@ impl Inner {
             &DeadlineOffset::default(),
         );
         let activity = RequestActivity::new(arrival);
+        let (first_message, idle) = policy.stream_clocks(accepted.timeout);
         let mut clocks = CallClocks {
             deadline,
-            stream: StreamClocks::new(arrival, policy.first_message, policy.idle),
+            stream: StreamClocks::new(arrival, first_message, idle),
             activity: activity.clone(),
             profile: policy.name.clone(),
         };
