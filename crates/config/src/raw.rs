@@ -494,8 +494,11 @@ impl RawConfig {
             }
             config.listener.max_connections = n;
         }
-        config.listener.connection_wait =
-            duration_or("listener.connection_wait", &l.connection_wait, d.connection_wait)?;
+        config.listener.connection_wait = duration_or(
+            "listener.connection_wait",
+            &l.connection_wait,
+            d.connection_wait,
+        )?;
         config.listener.handshake_timeout = duration_or(
             "listener.handshake_timeout",
             &l.handshake_timeout,
@@ -514,7 +517,8 @@ impl RawConfig {
                 parse_optional_duration("listener.keepalive_interval", text)?;
         }
         if let Some(text) = &l.tcp_keepalive {
-            config.listener.tcp_keepalive = parse_optional_duration("listener.tcp_keepalive", text)?;
+            config.listener.tcp_keepalive =
+                parse_optional_duration("listener.tcp_keepalive", text)?;
         }
         if let Some(trust) = self.edge.trust_job_header {
             config.edge.trust_job_header = trust;
@@ -600,20 +604,19 @@ impl RawConfig {
                 .unwrap_or(config.cors.http_headers_param),
         };
 
-        config.limits = Limits {
-            max_message_size: match &self.limits.max_message_size {
-                Some(text) => {
-                    parse_size(text).map_err(|reason| invalid("limits.max_message_size", reason))?
-                }
-                None => config.limits.max_message_size,
-            },
-            buffer_budget: match &self.limits.buffer_budget {
-                Some(text) => {
-                    parse_size(text).map_err(|reason| invalid("limits.buffer_budget", reason))?
-                }
-                None => config.limits.buffer_budget,
-            },
-        };
+        config.limits =
+            Limits {
+                max_message_size: match &self.limits.max_message_size {
+                    Some(text) => parse_size(text)
+                        .map_err(|reason| invalid("limits.max_message_size", reason))?,
+                    None => config.limits.max_message_size,
+                },
+                buffer_budget: match &self.limits.buffer_budget {
+                    Some(text) => parse_size(text)
+                        .map_err(|reason| invalid("limits.buffer_budget", reason))?,
+                    None => config.limits.buffer_budget,
+                },
+            };
 
         config.shutdown = Shutdown {
             grace_period: match &self.shutdown.grace_period {
