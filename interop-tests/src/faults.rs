@@ -4,7 +4,8 @@
 //! `h2` crate directly, so it can do what a well-behaved gRPC server never does: answer with an
 //! HTML error page, end a stream without trailers, reset a stream with a chosen reason, cut the
 //! TCP connection in the middle of a message, or stall forever. It also records what it saw
-//! (request paths, streams the proxy reset), so a test can check what reached the upstream.
+//! (request paths and headers, streams the proxy reset), so a test can check what reached the
+//! upstream.
 
 use std::io;
 use std::net::SocketAddr;
@@ -77,6 +78,8 @@ pub struct FaultyUpstream {
 struct Seen {
     /// `:path` plus query of every request, in arrival order.
     paths: Mutex<Vec<String>>,
+    /// The headers of every request, in arrival order.
+    headers: Mutex<Vec<HeaderMap>>,
     /// Streams that the peer reset while this upstream still held them open.
     resets: AtomicU64,
     changed: Notify,
@@ -114,6 +117,16 @@ impl FaultyUpstream {
             .paths
             .lock()
             .map(|paths| paths.clone())
+            .unwrap_or_default()
+    }
+
+    /// The headers (call metadata) of every request received so far, in arrival order. A
+    /// request is recorded before it is answered.
+    pub fn request_headers(&self) -> Vec<HeaderMap> {
+        self.seen
+            .headers
+            .lock()
+            .map(|headers| headers.clone())
             .unwrap_or_default()
     }
 
@@ -182,6 +195,9 @@ async fn serve_connection(tcp: TcpStream, fault: Arc<Fault>, seen: Arc<Seen>) {
                     .unwrap_or_default();
                 if let Ok(mut paths) = seen.paths.lock() {
                     paths.push(path);
+                }
+                if let Ok(mut headers) = seen.headers.lock() {
+                    headers.push(request.headers().clone());
                 }
                 streams.spawn(drain(request.into_body()));
                 streams.spawn(misbehave(fault.clone(), respond, seen.clone(), close.clone()));

@@ -130,7 +130,8 @@ async fn an_ai_trace_id_is_kept_end_to_end() {
 
 #[tokio::test]
 async fn metrics_count_calls_by_status_after_an_interop_run() {
-    let stack = Stack::start().await;
+    // Jobs are labels only where the edge trusts the client's x-pnp-job.
+    let stack = Stack::start_with(|c| c.edge.trust_job_header = true).await;
     let admin = stack.proxy.admin_addr().expect("admin listener");
     let (ok_calls, unimplemented_calls) = (7, 3);
     for i in 0..ok_calls {

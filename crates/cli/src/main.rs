@@ -139,13 +139,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.resilience.max_concurrent_streams = limit;
     }
     if let Some(OptionalDuration(idle)) = args.stream_idle_timeout {
-        config.jobs.default_profile_mut().idle_timeout = idle;
+        let profile = config.jobs.default_profile_mut();
+        profile.idle_timeout = idle;
+        profile.idle_timeout_explicit = true;
     }
     if let Some(OptionalDuration(first)) = args.first_message_timeout {
-        config.jobs.default_profile_mut().first_message = match first {
+        let profile = config.jobs.default_profile_mut();
+        profile.first_message = match first {
             Some(d) => pnp_config::FirstMessage::After(d),
             None => pnp_config::FirstMessage::Off,
         };
+        profile.first_message_explicit = true;
     }
 
     // The demo upstreams run in this process on a loopback port the OS picks.

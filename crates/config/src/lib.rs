@@ -123,7 +123,8 @@ pub enum UpstreamTarget {
 /// Cross-origin rules for browsers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cors {
-    /// Origins allowed to call; [`AllowedOrigins::Any`] mirrors any origin back.
+    /// Origins allowed to call: [`AllowedOrigins::Any`] (the default) lets any origin call
+    /// without credentials; a [`AllowedOrigins::List`] lets only its origins call, with them.
     pub allowed_origins: AllowedOrigins,
     /// Response headers exposed to scripts in addition to `grpc-status`, `grpc-message`,
     /// `grpc-status-details-bin`.

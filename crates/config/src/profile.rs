@@ -4,7 +4,8 @@
 //! [`Profile`]; the profile holds the per-call policies (clocks, retries, degradation). The
 //! defaults are right for token streaming: no total timer, a generous first-message wait (LLMs
 //! may think for ~12 s), an idle gap that only runs once tokens flow, and retries only where the
-//! request provably never reached the upstream.
+//! request provably never reached the upstream. The default clocks never end a call before a
+//! longer `grpc-timeout` the client asked for; clocks a profile sets explicitly always apply.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -19,9 +20,16 @@ pub const DEFAULT_PROFILE: &str = "default";
 pub struct Profile {
     /// How long the upstream may take to send the first response message.
     pub first_message: FirstMessage,
+    /// `first_message` was configured (`first_message_timeout` or `model_class`, or a flag)
+    /// rather than left at the built-in default. A configured clock applies even when the
+    /// client's `grpc-timeout` is longer; the default one then yields to the deadline.
+    pub first_message_explicit: bool,
     /// Longest silence between two messages (either direction) once the first response message
     /// arrived; `None` = no idle clock.
     pub idle_timeout: Option<Duration>,
+    /// `idle_timeout` was configured rather than left at the built-in default (see
+    /// `first_message_explicit`).
+    pub idle_timeout_explicit: bool,
     /// Cap on the total deadline; the call's deadline is the smaller of this and
     /// `grpc-timeout`. `None` = only the client's `grpc-timeout`.
     pub max_duration: Option<Duration>,
@@ -38,7 +46,9 @@ impl Default for Profile {
     fn default() -> Self {
         Self {
             first_message: FirstMessage::After(Duration::from_secs(30)),
+            first_message_explicit: false,
             idle_timeout: Some(Duration::from_secs(30)),
+            idle_timeout_explicit: false,
             max_duration: None,
             retry: RetrySettings::default(),
             idempotent: false,

@@ -406,7 +406,10 @@ impl RawProfile {
         }
         Ok(Profile {
             first_message,
+            first_message_explicit: self.first_message_timeout.is_some()
+                || self.model_class.is_some(),
             idle_timeout,
+            idle_timeout_explicit: self.idle_timeout.is_some(),
             max_duration,
             retry,
             idempotent: self.idempotent.unwrap_or(d.idempotent),
@@ -777,12 +780,15 @@ mod tests {
             }
         );
         assert_eq!(llm.idle_timeout, Some(Duration::from_secs(10)));
+        assert!(llm.first_message_explicit, "model_class sets the clock");
+        assert!(llm.idle_timeout_explicit);
         let classify = &jobs.profiles["classify"];
         assert_eq!(
             classify.first_message,
             FirstMessage::After(Duration::from_millis(300))
         );
         assert_eq!(classify.idle_timeout, None);
+        assert!(classify.first_message_explicit && classify.idle_timeout_explicit);
         assert_eq!(classify.max_duration, Some(Duration::from_secs(2)));
         assert!(classify.idempotent);
         assert_eq!(
@@ -794,6 +800,42 @@ mod tests {
             ]
         );
         assert!(jobs.profiles.contains_key(DEFAULT_PROFILE));
+    }
+
+    #[test]
+    fn clocks_left_unset_are_the_defaults_and_not_explicit() {
+        let config = Config::from_toml(
+            r#"
+            [profiles.default]
+            idempotent = true
+            [profiles.quiet]
+            idle_timeout = "30s"
+            "#,
+        )
+        .expect("parses");
+        let default = &config.jobs.profiles[DEFAULT_PROFILE];
+        assert_eq!(default.first_message, Profile::default().first_message);
+        assert_eq!(default.idle_timeout, Profile::default().idle_timeout);
+        assert!(!default.first_message_explicit && !default.idle_timeout_explicit);
+        // Written out, even at the default value, a clock is the profile's own.
+        let quiet = &config.jobs.profiles["quiet"];
+        assert!(quiet.idle_timeout_explicit && !quiet.first_message_explicit);
+    }
+
+    #[test]
+    fn edge_and_cors_switches() {
+        let config = Config::from_toml(
+            "[edge]\ntrust_job_header = true\nforwarded_for = false\n[cors]\nhttp_headers_param = false",
+        )
+        .expect("parses");
+        assert!(config.edge.trust_job_header);
+        assert!(!config.edge.forwarded_for);
+        assert!(!config.cors.http_headers_param);
+        let defaults = Config::from_toml("").expect("parses");
+        assert!(!defaults.edge.trust_job_header);
+        assert!(defaults.edge.forwarded_for);
+        assert!(defaults.cors.http_headers_param);
+        assert_eq!(defaults.cors.allowed_origins, AllowedOrigins::Any);
     }
 
     #[test]
@@ -863,6 +905,8 @@ mod tests {
         assert_eq!(config.resilience, Resilience::default());
         assert_eq!(config.jobs.profiles[DEFAULT_PROFILE], Profile::default());
         assert_eq!(config.jobs.profile_for(None, None, Some("chat")), "chat");
+        assert_eq!(config.edge, Config::demo().edge);
+        assert!(config.cors.http_headers_param);
     }
 
     #[test]

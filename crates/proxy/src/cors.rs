@@ -1,6 +1,11 @@
 //! CORS as the grpc-web browser-features doc asks: preflight answered, POST and OPTIONS allowed,
-//! requested headers echoed, credentials allowed, gRPC status headers exposed. tower-http does
-//! the work, and because it wraps the ingress, errors pnp makes itself carry CORS headers too.
+//! requested headers echoed, gRPC status headers exposed. tower-http does the work, and because
+//! it wraps the ingress, errors pnp makes itself carry CORS headers too.
+//!
+//! Which origins, and with what: without a configured list any origin may call, but without
+//! credentials (no `access-control-allow-credentials`: a script on another origin cannot make
+//! a call with cookies or HTTP auth and read its reply); a list lets only its origins call,
+//! and with credentials.
 
 use http::{HeaderName, Method};
 use pnp_config::{AllowedOrigins, Cors};
@@ -16,13 +21,18 @@ const ALWAYS_EXPOSED: &[&str] = &[
 ];
 
 pub(crate) fn layer(config: &Cors) -> CorsLayer {
-    let origin = match &config.allowed_origins {
-        // Mirroring (rather than `*`) keeps credentials usable.
-        AllowedOrigins::Any => AllowOrigin::mirror_request(),
-        AllowedOrigins::List(list) => AllowOrigin::list(
-            list.iter()
-                .filter_map(|origin| origin.parse().ok())
-                .collect::<Vec<_>>(),
+    let (origin, credentials) = match &config.allowed_origins {
+        // The request's origin mirrored back (with `Vary: origin`), as for a list. Without
+        // `access-control-allow-credentials` a browser sends no credentialed call that needs a
+        // preflight, and hides the reply to any other one from the script.
+        AllowedOrigins::Any => (AllowOrigin::mirror_request(), false),
+        AllowedOrigins::List(list) => (
+            AllowOrigin::list(
+                list.iter()
+                    .filter_map(|origin| origin.parse().ok())
+                    .collect::<Vec<_>>(),
+            ),
+            true,
         ),
     };
     let exposed: Vec<HeaderName> = ALWAYS_EXPOSED
@@ -40,7 +50,7 @@ pub(crate) fn layer(config: &Cors) -> CorsLayer {
         .allow_origin(origin)
         .allow_methods([Method::POST, Method::OPTIONS])
         .allow_headers(AllowHeaders::mirror_request())
-        .allow_credentials(true)
+        .allow_credentials(credentials)
         .expose_headers(exposed)
         .max_age(config.max_age)
 }

@@ -4,10 +4,16 @@
 //! PROTOCOL-WEB.md: the request is a gRPC request with a different content type; the response
 //! carries the trailers as a final 0x80 frame in the body. `application/grpc-web-text` bodies are
 //! base64 in both directions. Browsers that avoid CORS preflight put headers in the
-//! `$httpHeaders` query parameter instead.
+//! `$httpHeaders` query parameter instead; pnp honours it only from allowed origins, never for
+//! headers a script could not send itself or that pnp and the proxies before it own.
+//!
+//! What a client says about itself is believed only as far as the `[edge]` config says: its
+//! `x-pnp-job` picks a route but is no label and is not forwarded unless trusted, and its
+//! address is appended to `x-forwarded-for`.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,9 +21,10 @@ use std::time::Duration;
 
 use std::time::Instant;
 
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use pnp_call::{Call, CallHead, Code, Reply, Status};
+use pnp_config::{AllowedOrigins, Cors, Edge};
 use pnp_policy::deadline::{Deadline, DeadlineOffset};
 use pnp_policy::idle::StreamClocks;
 use pnp_telemetry::{request_id, Metrics};
@@ -31,7 +38,7 @@ use tracing::Instrument;
 use crate::abort::CallAbort;
 use crate::admission::{Admission, Admitted};
 use crate::body::RequestBody;
-use crate::conn::ClientReset;
+use crate::conn::{ClientReset, PeerAddr};
 use crate::profiles::Profiles;
 use crate::reply::{
     base_headers, shutdown_status, CallClocks, Clocks, Encoding, Observer, ReplyBody,
@@ -43,6 +50,9 @@ use crate::site;
 
 /// The header that names the job a call belongs to (see job profiles in DESIGN.md).
 pub const JOB_HEADER: &str = "x-pnp-job";
+
+/// The header that lists the clients and proxies a request passed through.
+const FORWARDED_FOR: &str = "x-forwarded-for";
 
 /// The egress side as the ingress sees it: any transport.
 pub type Transport = BoxCloneSyncService<Call, Reply, TransportError>;
@@ -62,6 +72,86 @@ pub(crate) struct Inner {
     pub(crate) metrics: Metrics,
     pub(crate) profiles: Profiles,
     pub(crate) admission: Arc<Admission>,
+    pub(crate) edge: EdgeRules,
+}
+
+/// What the ingress believes of a client's request (`cors` and `edge` config).
+#[derive(Debug)]
+pub(crate) struct EdgeRules {
+    origins: AllowedOrigins,
+    http_headers_param: bool,
+    trust_job_header: bool,
+    forwarded_for: bool,
+}
+
+/// The job a call names in `x-pnp-job`, and how far it is believed.
+#[derive(Debug, PartialEq, Eq)]
+struct CallJob {
+    /// What the client sent; matched by routes that name a job.
+    route: Option<String>,
+    /// The job as a label and as metadata upstream: only from a trusted header.
+    trusted: Option<String>,
+}
+
+impl EdgeRules {
+    pub(crate) fn new(cors: &Cors, edge: &Edge) -> Self {
+        Self {
+            origins: cors.allowed_origins.clone(),
+            http_headers_param: cors.http_headers_param,
+            trust_job_header: edge.trust_job_header,
+            forwarded_for: edge.forwarded_for,
+        }
+    }
+
+    /// Whether a `$httpHeaders` parameter of a request with these headers may be honoured;
+    /// why not otherwise.
+    fn http_headers_param(&self, headers: &HeaderMap) -> Result<(), &'static str> {
+        if !self.http_headers_param {
+            return Err("it is turned off (cors.http_headers_param)");
+        }
+        match &self.origins {
+            AllowedOrigins::Any => Ok(()),
+            AllowedOrigins::List(list) => match headers.get(header::ORIGIN) {
+                Some(origin) if list.iter().any(|o| o.as_bytes() == origin.as_bytes()) => Ok(()),
+                Some(_) => Err("the request's Origin is not in cors.allowed_origins"),
+                None => Err("the request has no Origin and cors.allowed_origins is a list"),
+            },
+        }
+    }
+
+    /// The span's `job` field: the client's `x-pnp-job` when it is trusted.
+    fn span_job<'h>(&self, headers: &'h HeaderMap) -> &'h str {
+        match headers.get(JOB_HEADER) {
+            Some(job) if self.trust_job_header => job.to_str().unwrap_or(""),
+            _ => "",
+        }
+    }
+
+    /// Reads the call's job from its metadata; an untrusted `x-pnp-job` leaves the metadata.
+    fn take_job(&self, metadata: &mut HeaderMap) -> CallJob {
+        let route = metadata
+            .get(JOB_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        if self.trust_job_header {
+            return CallJob {
+                trusted: route.clone(),
+                route,
+            };
+        }
+        metadata.remove(JOB_HEADER);
+        CallJob {
+            route,
+            trusted: None,
+        }
+    }
+
+    /// Appends the client's address to the `x-forwarded-for` going upstream, when configured.
+    fn forward_for(&self, metadata: &mut HeaderMap, peer: Option<&PeerAddr>) {
+        if let (true, Some(PeerAddr(peer))) = (self.forwarded_for, peer) {
+            append_forwarded_for(metadata, peer.ip());
+        }
+    }
 }
 
 impl std::fmt::Debug for Ingress {
@@ -101,7 +191,7 @@ impl tower::Service<Request<RequestBody>> for Ingress {
             "call",
             request_id = %String::from_utf8_lossy(request_id.as_bytes()),
             method = %request.uri().path(),
-            job = request.headers().get(JOB_HEADER).and_then(|v| v.to_str().ok()).unwrap_or(""),
+            job = inner.edge.span_job(request.headers()),
             transport = inner.transport_name,
             grpc_status = tracing::field::Empty,
         );
@@ -137,7 +227,7 @@ impl Inner {
         if let Some(page) = site::serve(&parts) {
             return page;
         }
-        let accepted = match accept(&mut parts) {
+        let accepted = match accept(&mut parts, &self.edge) {
             Ok(accepted) => accepted,
             Err(refusal) => return *refusal,
         };
@@ -146,6 +236,9 @@ impl Inner {
 
         let mut metadata = parts.headers;
         strip_request_headers(&mut metadata);
+        let job = self.edge.take_job(&mut metadata);
+        self.edge
+            .forward_for(&mut metadata, parts.extensions.get::<PeerAddr>());
         let path: http::uri::PathAndQuery = match parts.uri.path().parse() {
             Ok(path) => path,
             Err(_) => {
@@ -157,14 +250,10 @@ impl Inner {
                 )
             }
         };
-        let job = metadata
-            .get(JOB_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
         let mut observer = Observer {
             recorder: self
                 .metrics
-                .call(path.path(), job.as_deref(), self.transport_name),
+                .call(path.path(), job.trusted.as_deref(), self.transport_name),
             metrics: self.metrics.clone(),
             span: tracing::Span::current(),
             permit: None,
@@ -190,7 +279,7 @@ impl Inner {
         };
         let policy = self
             .profiles
-            .select(head.service(), head.method(), job.as_deref());
+            .select(head.service(), head.method(), job.route.as_deref());
         let degrade = match self.admission.admit(policy.degradable) {
             Admitted::Yes { permit, degrade } => {
                 observer.permit = Some(permit);
@@ -205,9 +294,10 @@ impl Inner {
             &DeadlineOffset::default(),
         );
         let activity = RequestActivity::new(arrival);
+        let (first_message, idle) = policy.stream_clocks(accepted.timeout);
         let mut clocks = CallClocks {
             deadline,
-            stream: StreamClocks::new(arrival, policy.first_message, policy.idle),
+            stream: StreamClocks::new(arrival, first_message, idle),
             activity: activity.clone(),
             profile: policy.name.clone(),
         };
@@ -226,7 +316,7 @@ impl Inner {
             Box::pin(messages),
             &policy,
             deadline.map(|d| d.at),
-            job.as_deref(),
+            job.trusted.as_deref(),
             abort.clone(),
         );
         tokio::pin!(reply);
@@ -302,16 +392,30 @@ impl Drop for Unread {
 
 /// Decide whether and how to serve a request, or refuse it.
 /// Refusals are boxed: a response is large and refusals are the rare path.
-fn accept(parts: &mut http::request::Parts) -> Result<Accepted, Box<Response<ReplyBody>>> {
-    if let Some(query) = parts.uri.query() {
-        if let Err(reason) = apply_http_headers_param(query, &mut parts.headers) {
-            return Err(Box::new(responder::refuse(
-                StatusCode::BAD_REQUEST,
-                &Status::new(
-                    Code::Internal,
-                    format!("pnp: bad $httpHeaders parameter: {reason}"),
-                ),
-            )));
+fn accept(
+    parts: &mut http::request::Parts,
+    edge: &EdgeRules,
+) -> Result<Accepted, Box<Response<ReplyBody>>> {
+    // Why a `$httpHeaders` parameter was not honoured, for the refusal of its request.
+    let mut ignored_param = None;
+    if let Some(query) = parts.uri.query().filter(|q| has_http_headers_param(q)) {
+        match edge.http_headers_param(&parts.headers) {
+            Ok(()) => {
+                if let Err(reason) = apply_http_headers_param(query, &mut parts.headers) {
+                    return Err(Box::new(responder::refuse(
+                        StatusCode::BAD_REQUEST,
+                        &Status::new(
+                            Code::Internal,
+                            format!("pnp: bad $httpHeaders parameter: {reason}"),
+                        ),
+                    )));
+                }
+                read_simple_body_as_text(&mut parts.headers);
+            }
+            Err(reason) => {
+                tracing::debug!(reason, "$httpHeaders parameter ignored");
+                ignored_param = Some(reason);
+            }
         }
     }
     if parts.method != Method::POST {
@@ -332,8 +436,11 @@ fn accept(parts: &mut http::request::Parts) -> Result<Accepted, Box<Response<Rep
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let Some((protocol, subtype)) = content_type::parse(content_type) else {
+        let ignored = ignored_param
+            .map(|reason| format!(" (its $httpHeaders parameter was ignored: {reason})"))
+            .unwrap_or_default();
         return Err(unsupported(format!(
-            "pnp: unsupported content-type `{}`; expected application/grpc-web, application/grpc-web-text or application/grpc",
+            "pnp: unsupported content-type `{}`; expected application/grpc-web, application/grpc-web-text or application/grpc{ignored}",
             content_type.chars().take(80).collect::<String>()
         )));
     };
@@ -390,43 +497,243 @@ fn unsupported(message: String) -> Box<Response<ReplyBody>> {
     ))
 }
 
+/// The query parameters of a request: (decoded name, raw value).
+fn query_params(query: &str) -> impl Iterator<Item = (std::borrow::Cow<'_, str>, &str)> {
+    query.split('&').map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (
+            percent_encoding::percent_decode_str(key).decode_utf8_lossy(),
+            value,
+        )
+    })
+}
+
+const HTTP_HEADERS_PARAM: &str = "$httpHeaders";
+
+fn has_http_headers_param(query: &str) -> bool {
+    query_params(query).any(|(key, _)| key == HTTP_HEADERS_PARAM)
+}
+
 /// grpc-web's `$httpHeaders` query parameter: a percent-encoded header block
 /// (`name:value\r\n…`) that stands in for request headers so simple CORS requests need no
-/// preflight. Its entries override the request's own headers (the browser sends `text/plain`
-/// as the content type in that mode).
+/// preflight. Its entries override the request's own headers, except those it may never set
+/// ([`settable_by_param`]); those are dropped. The caller decides whether the parameter is
+/// honoured at all.
 fn apply_http_headers_param(query: &str, headers: &mut HeaderMap) -> Result<(), String> {
-    for pair in query.split('&') {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let key = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
-        if key != "$httpHeaders" {
+    for (key, value) in query_params(query) {
+        if key != HTTP_HEADERS_PARAM {
             continue;
         }
         let block: Vec<u8> = percent_encoding::percent_decode_str(value).collect();
         let parsed = pnp_wire::trailers::decode_block(&block).map_err(|e| e.to_string())?;
         for (name, value) in &parsed {
-            headers.insert(name.clone(), value.clone());
+            if settable_by_param(name) {
+                headers.insert(name.clone(), value.clone());
+            } else {
+                tracing::debug!(header = %name, "$httpHeaders entry dropped: not settable this way");
+            }
         }
     }
     Ok(())
+}
+
+/// Whether a `$httpHeaders` entry may set this header. Never: the content type (the body's
+/// form is what the request itself says, see [`read_simple_body_as_text`]), framing and
+/// hop-by-hop headers, what proxies before pnp say about the client, pnp's own control
+/// headers, and what browsers set themselves (a script could not send those as real headers
+/// either).
+fn settable_by_param(name: &HeaderName) -> bool {
+    const NEVER: &[&str] = &[
+        "content-type",
+        "content-length",
+        "host",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "forwarded",
+        "x-real-ip",
+        "via",
+        "origin",
+        "referer",
+        "cookie",
+        "expect",
+    ];
+    const NEVER_PREFIX: &[&str] = &[
+        "proxy-",
+        "x-forwarded-",
+        "x-pnp-",
+        "sec-",
+        "access-control-request-",
+    ];
+    let name = name.as_str();
+    !NEVER.contains(&name) && !NEVER_PREFIX.iter().any(|prefix| name.starts_with(prefix))
+}
+
+/// A request that needs no CORS preflight can only carry a `text/plain` body (or one without
+/// a content type), and grpc-web sends its body base64-encoded then: with an honoured
+/// `$httpHeaders`, such a request is `application/grpc-web-text`.
+fn read_simple_body_as_text(headers: &mut HeaderMap) {
+    let simple = match headers.get(header::CONTENT_TYPE) {
+        None => true,
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("text/plain")),
+    };
+    if simple {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc-web-text"),
+        );
+    }
+}
+
+/// `x-forwarded-for` with `client` appended to what earlier proxies wrote (one line, however
+/// many the request had).
+fn append_forwarded_for(metadata: &mut HeaderMap, client: IpAddr) {
+    let client = client.to_canonical().to_string();
+    let mut value = Vec::new();
+    for earlier in metadata.get_all(FORWARDED_FOR) {
+        let earlier = earlier.as_bytes().trim_ascii();
+        if !earlier.is_empty() {
+            value.extend_from_slice(earlier);
+            value.extend_from_slice(b", ");
+        }
+    }
+    value.extend_from_slice(client.as_bytes());
+    match HeaderValue::from_bytes(&value) {
+        Ok(value) => {
+            metadata.insert(FORWARDED_FOR, value);
+        }
+        Err(_) => tracing::debug!("x-forwarded-for left as it was: not a header value"),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn param(block: &str) -> String {
+        let encoded =
+            percent_encoding::utf8_percent_encode(block, percent_encoding::NON_ALPHANUMERIC);
+        format!("a=1&$httpHeaders={encoded}")
+    }
+
+    fn rules(origins: AllowedOrigins, http_headers_param: bool, trust_job: bool) -> EdgeRules {
+        EdgeRules {
+            origins,
+            http_headers_param,
+            trust_job_header: trust_job,
+            forwarded_for: true,
+        }
+    }
+
     #[test]
-    fn http_headers_param_overrides_headers() {
+    fn http_headers_param_overrides_headers_but_not_the_content_type() {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        let block = "content-type:application/grpc-web-text\r\nx-grpc-web:1\r\nx-user: a b\r\n";
-        let encoded: String =
-            percent_encoding::utf8_percent_encode(block, percent_encoding::NON_ALPHANUMERIC)
-                .to_string();
-        apply_http_headers_param(&format!("a=1&$httpHeaders={encoded}"), &mut headers)
-            .expect("valid parameter");
-        assert_eq!(headers[header::CONTENT_TYPE], "application/grpc-web-text");
+        headers.insert("x-user", HeaderValue::from_static("mine"));
+        let block = "content-type:application/grpc-web+proto\r\nx-grpc-web:1\r\nx-user: a b\r\n";
+        apply_http_headers_param(&param(block), &mut headers).expect("valid parameter");
+        assert_eq!(headers[header::CONTENT_TYPE], "text/plain");
         assert_eq!(headers["x-user"], "a b");
         assert_eq!(headers["x-grpc-web"], "1");
+        read_simple_body_as_text(&mut headers);
+        assert_eq!(headers[header::CONTENT_TYPE], "application/grpc-web-text");
+    }
+
+    #[test]
+    fn http_headers_param_cannot_set_what_it_must_not() {
+        let forbidden = [
+            "content-type",
+            "content-length",
+            "host",
+            "connection",
+            "keep-alive",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-authorization",
+            "forwarded",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "x-real-ip",
+            "x-pnp-job",
+            "x-pnp-anything",
+            "origin",
+            "cookie",
+            "sec-fetch-site",
+        ];
+        let block: String = forbidden.iter().map(|n| format!("{n}:1\r\n")).collect();
+        let block =
+            format!("{block}x-request-id:abc\r\ngrpc-timeout:5S\r\nauthorization:Bearer t\r\n");
+        let mut headers = HeaderMap::new();
+        apply_http_headers_param(&param(&block), &mut headers).expect("valid parameter");
+        for name in forbidden {
+            assert!(!headers.contains_key(name), "{name} was set: {headers:?}");
+        }
+        assert_eq!(headers["x-request-id"], "abc");
+        assert_eq!(headers["grpc-timeout"], "5S");
+        assert_eq!(headers["authorization"], "Bearer t");
+    }
+
+    #[test]
+    fn only_simple_bodies_are_read_as_text() {
+        for (given, read) in [
+            (None, "application/grpc-web-text"),
+            (Some("text/plain"), "application/grpc-web-text"),
+            (
+                Some("Text/Plain; charset=UTF-8"),
+                "application/grpc-web-text",
+            ),
+            (
+                Some("application/grpc-web+proto"),
+                "application/grpc-web+proto",
+            ),
+            (Some("text/plainer"), "text/plainer"),
+        ] {
+            let mut headers = HeaderMap::new();
+            if let Some(given) = given {
+                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(given));
+            }
+            read_simple_body_as_text(&mut headers);
+            assert_eq!(headers[header::CONTENT_TYPE], read, "{given:?}");
+        }
+    }
+
+    #[test]
+    fn http_headers_param_is_honoured_from_allowed_origins_only() {
+        let with_origin = |origin: Option<&'static str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(origin) = origin {
+                headers.insert(header::ORIGIN, HeaderValue::from_static(origin));
+            }
+            headers
+        };
+        let any = rules(AllowedOrigins::Any, true, false);
+        assert!(any.http_headers_param(&with_origin(None)).is_ok());
+        assert!(any
+            .http_headers_param(&with_origin(Some("https://x.example")))
+            .is_ok());
+        let list = rules(
+            AllowedOrigins::List(vec!["https://app.example".into()]),
+            true,
+            false,
+        );
+        assert!(list
+            .http_headers_param(&with_origin(Some("https://app.example")))
+            .is_ok());
+        assert!(list
+            .http_headers_param(&with_origin(Some("https://x.example")))
+            .is_err());
+        assert!(list.http_headers_param(&with_origin(None)).is_err());
+        let off = rules(AllowedOrigins::Any, false, false);
+        assert!(off.http_headers_param(&with_origin(None)).is_err());
     }
 
     #[test]
@@ -434,5 +741,69 @@ mod tests {
         let mut headers = HeaderMap::new();
         apply_http_headers_param("x=%ZZ&y", &mut headers).expect("ignored");
         assert!(headers.is_empty());
+        assert!(!has_http_headers_param("x=%ZZ&y&httpHeaders=1"));
+        assert!(has_http_headers_param("x=1&%24httpHeaders=a%3A1"));
+    }
+
+    #[test]
+    fn an_untrusted_job_routes_but_is_neither_label_nor_metadata() {
+        let mut metadata = HeaderMap::new();
+        metadata.insert(JOB_HEADER, HeaderValue::from_static("batch"));
+        let untrusted = rules(AllowedOrigins::Any, true, false);
+        assert_eq!(untrusted.span_job(&metadata), "");
+        assert_eq!(
+            untrusted.take_job(&mut metadata.clone()),
+            CallJob {
+                route: Some("batch".into()),
+                trusted: None
+            }
+        );
+        let mut taken = metadata.clone();
+        untrusted.take_job(&mut taken);
+        assert!(!taken.contains_key(JOB_HEADER));
+
+        let trusted = rules(AllowedOrigins::Any, true, true);
+        assert_eq!(trusted.span_job(&metadata), "batch");
+        let mut kept = metadata.clone();
+        assert_eq!(
+            trusted.take_job(&mut kept),
+            CallJob {
+                route: Some("batch".into()),
+                trusted: Some("batch".into())
+            }
+        );
+        assert_eq!(kept[JOB_HEADER], "batch");
+    }
+
+    #[test]
+    fn the_client_is_appended_to_x_forwarded_for() {
+        let v4: IpAddr = "127.0.0.1".parse().expect("ip");
+        let mut metadata = HeaderMap::new();
+        append_forwarded_for(&mut metadata, v4);
+        assert_eq!(metadata[FORWARDED_FOR], "127.0.0.1");
+
+        let mut metadata = HeaderMap::new();
+        metadata.append(FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
+        metadata.append(
+            FORWARDED_FOR,
+            HeaderValue::from_static(" 10.0.0.1, 10.0.0.2 "),
+        );
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().expect("ip");
+        append_forwarded_for(&mut metadata, mapped);
+        assert_eq!(
+            metadata.get_all(FORWARDED_FOR).iter().collect::<Vec<_>>(),
+            ["203.0.113.7, 10.0.0.1, 10.0.0.2, 192.0.2.1"]
+        );
+
+        let mut metadata = HeaderMap::new();
+        let off = EdgeRules {
+            forwarded_for: false,
+            ..rules(AllowedOrigins::Any, true, false)
+        };
+        let peer = PeerAddr("[::1]:5000".parse().expect("addr"));
+        off.forward_for(&mut metadata, Some(&peer));
+        assert!(metadata.is_empty());
+        rules(AllowedOrigins::Any, true, false).forward_for(&mut metadata, Some(&peer));
+        assert_eq!(metadata[FORWARDED_FOR], "::1");
     }
 }

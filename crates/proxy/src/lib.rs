@@ -148,6 +148,7 @@ impl Proxy {
             metrics: metrics.clone(),
             profiles,
             admission,
+            edge: ingress::EdgeRules::new(&config.cors, &config.edge),
         });
         let service = tower::ServiceBuilder::new()
             .layer(cors::layer(&config.cors))
