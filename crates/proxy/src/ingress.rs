@@ -31,6 +31,7 @@ use tracing::Instrument;
 
 use crate::abort::CallAbort;
 use crate::admission::{Admission, Admitted};
+use crate::conn::PeerAddr;
 use crate::profiles::Profiles;
 use crate::reply::{
     base_headers, shutdown_status, CallClocks, Clocks, Encoding, Observer, ReplyBody,
@@ -183,7 +184,8 @@ impl Inner {
         let policy = self
             .profiles
             .select(head.service(), head.method(), job.as_deref());
-        let degrade = match self.admission.admit(policy.degradable) {
+        let client = parts.extensions.get::<PeerAddr>().map(|peer| peer.0.ip());
+        let degrade = match self.admission.admit(policy.degradable, client) {
             Admitted::Yes { permit, degrade } => {
                 observer.permit = Some(permit);
                 degrade
