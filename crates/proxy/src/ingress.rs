@@ -31,6 +31,7 @@ use tracing::Instrument;
 
 use crate::abort::CallAbort;
 use crate::admission::{Admission, Admitted};
+use crate::budget::BufferBudget;
 use crate::conn::PeerAddr;
 use crate::profiles::Profiles;
 use crate::reply::{
@@ -62,6 +63,9 @@ pub(crate) struct Inner {
     pub(crate) metrics: Metrics,
     pub(crate) profiles: Profiles,
     pub(crate) admission: Arc<Admission>,
+    /// The global buffer budget (`limits.buffer_budget`), for whatever a call buffers.
+    #[allow(dead_code, reason = "the degraded-reply buffer is put under it next")]
+    pub(crate) budget: BufferBudget,
 }
 
 impl std::fmt::Debug for Ingress {

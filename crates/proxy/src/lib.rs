@@ -14,6 +14,7 @@
 mod abort;
 mod admin;
 mod admission;
+mod budget;
 mod conn;
 mod cors;
 pub mod ingress;
@@ -128,10 +129,12 @@ impl Proxy {
             admission::Admission::new(&config.resilience, metrics.clone())
                 .map_err(StartError::Config)?,
         );
+        let budget = budget::BufferBudget::new(config.limits.buffer_budget, &metrics);
         let upstream = resilience::GuardedUpstream::new(
             tower::util::BoxCloneSyncService::new(transport),
             upstream_name.trim_end_matches('/').to_owned(),
             &config.resilience,
+            budget.clone(),
             metrics.clone(),
         )
         .map_err(StartError::Config)?;
@@ -143,6 +146,7 @@ impl Proxy {
             metrics: metrics.clone(),
             profiles,
             admission,
+            budget,
         });
         let service = tower::ServiceBuilder::new()
             .layer(cors::layer(&config.cors))
