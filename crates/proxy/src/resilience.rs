@@ -228,7 +228,7 @@ impl GuardedUpstream {
                 // A streaming reply is settled when its stream ends.
                 Ok(Reply::Stream { head, items }) => Ok(Reply::Stream {
                     head,
-                    items: ticket.watch(items),
+                    items: ticket.watch(items, abort.clone()),
                 }),
                 other => {
                     ticket.settle(now, upstream_failed);
@@ -396,11 +396,14 @@ impl BreakerTicket {
         }
     }
 
-    /// `items` that settle this ticket with their final status.
-    fn watch(self, items: BoxReplyStream) -> BoxReplyStream {
+    /// `items` that settle this ticket with their final status, unless the client's side
+    /// failed first (`abort`): then the status is pnp resetting the upstream, not the
+    /// upstream failing.
+    fn watch(self, items: BoxReplyStream, abort: CallAbort) -> BoxReplyStream {
         Box::pin(Watched {
             ticket: Some(self),
             items,
+            abort,
         })
     }
 }
@@ -422,6 +425,7 @@ struct Watched {
     // stream is reset.
     ticket: Option<BreakerTicket>,
     items: BoxReplyStream,
+    abort: CallAbort,
 }
 
 impl Stream for Watched {
@@ -430,23 +434,22 @@ impl Stream for Watched {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ReplyItem>> {
         let this = self.get_mut();
         let item = ready!(this.items.as_mut().poll_next(cx));
-        match &item {
+        let code = match &item {
             Some(ReplyItem::Message(_)) => {
                 if let Some(ticket) = this.ticket.as_mut() {
                     ticket.first_message();
                 }
+                return Poll::Ready(item);
             }
-            Some(ReplyItem::Status(status)) => {
-                if let Some(ticket) = this.ticket.take() {
-                    ticket.report(status.code);
-                }
-            }
+            Some(ReplyItem::Status(status)) => status.code,
             // A stream that ends without a status reaches the client as INTERNAL.
-            None => {
-                if let Some(ticket) = this.ticket.take() {
-                    ticket.report(Code::Internal);
-                }
-            }
+            None => Code::Internal,
+        };
+        let ticket = this.ticket.take();
+        // Once the client's side failed, the stream's end is pnp resetting the upstream, not
+        // the upstream failing: the ticket goes unsettled (a probe is reported abandoned).
+        if let (Some(ticket), false) = (ticket, this.abort.token().is_cancelled()) {
+            ticket.report(code);
         }
         Poll::Ready(item)
     }
@@ -561,6 +564,13 @@ mod tests {
     }
 
     async fn call(upstream: &GuardedUpstream) -> Result<Reply, TransportError> {
+        call_with(upstream, CallAbort::default()).await
+    }
+
+    async fn call_with(
+        upstream: &GuardedUpstream,
+        abort: CallAbort,
+    ) -> Result<Reply, TransportError> {
         let head = CallHead {
             path: "/a.B/C".parse().expect("path"),
             subtype: None,
@@ -569,7 +579,7 @@ mod tests {
         };
         let messages: BoxMessageStream = Box::pin(futures_util::stream::empty());
         upstream
-            .call(head, messages, &policy(), None, None, CallAbort::default())
+            .call(head, messages, &policy(), None, None, abort)
             .await
     }
 
@@ -644,6 +654,17 @@ mod tests {
         );
         let reply = call(&upstream).await.expect("a reply");
         drop(reply);
+        assert_eq!(state(&upstream), BreakerState::Closed { failures: 0 });
+    }
+
+    #[tokio::test]
+    async fn the_end_of_a_stream_whose_client_side_failed_is_not_counted() {
+        let (upstream, _) = upstream(vec![stream(vec![status(Code::Internal)])], 1);
+        let abort = CallAbort::default();
+        let reply = call_with(&upstream, abort.clone()).await;
+        // Bad input from the client: pnp resets the upstream stream, which then ends INTERNAL.
+        abort.abort(Status::new(Code::Internal, "pnp: malformed request frame"));
+        drain(reply).await;
         assert_eq!(state(&upstream), BreakerState::Closed { failures: 0 });
     }
 
