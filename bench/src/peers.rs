@@ -311,9 +311,10 @@ pub async fn start(kind: PeerKind, upstream: &Peer, tools: &Tools) -> anyhow::Re
             })
         }
         PeerKind::Pnp => {
-            let config =
-                "[limits]\nmax_message_size = \"2GiB\"\n\n[shutdown]\ngrace_period = \"1s\"\n"
-                    .to_owned();
+            // The load client is one address: give it the whole concurrency limit (S5 holds
+            // 10 000 streams), not the default per-client quarter.
+            let config = "[limits]\nmax_message_size = \"2GiB\"\n\n[shutdown]\ngrace_period = \"1s\"\n\n[resilience]\nmax_streams_per_client = 10000\n"
+                .to_owned();
             match &tools.pnp {
                 None => {
                     let mut config = pnp_config::Config::from_toml(&config)?;

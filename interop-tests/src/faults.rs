@@ -61,6 +61,25 @@ pub enum Fault {
     HalfFrameThenClose,
     /// Response headers, then nothing, forever (until the proxy resets the stream).
     StallAfterHeaders,
+    /// Response headers, no message, then RST_STREAM with this reason: a stream that fails
+    /// after its headers.
+    ResetAfterHeaders(Reason),
+    /// The n-th request (counted from 0 over all connections) gets the n-th fault; requests
+    /// past the end get the last one.
+    Sequence(Vec<Fault>),
+}
+
+impl Fault {
+    /// What the `n`-th request gets.
+    fn for_request(&self, n: usize) -> Fault {
+        match self {
+            Fault::Sequence(faults) => match faults.get(n).or(faults.last()) {
+                Some(fault) => fault.for_request(n),
+                None => Fault::StallAfterHeaders,
+            },
+            other => other.clone(),
+        }
+    }
 }
 
 /// An HTTP/2 server that answers every request with its [`Fault`].
@@ -193,14 +212,19 @@ async fn serve_connection(tcp: TcpStream, fault: Arc<Fault>, seen: Arc<Seen>) {
                     .path_and_query()
                     .map(|p| p.as_str().to_owned())
                     .unwrap_or_default();
-                if let Ok(mut paths) = seen.paths.lock() {
-                    paths.push(path);
-                }
+                let n = match seen.paths.lock() {
+                    Ok(mut paths) => {
+                        paths.push(path);
+                        paths.len() - 1
+                    }
+                    Err(_) => 0,
+                };
                 if let Ok(mut headers) = seen.headers.lock() {
                     headers.push(request.headers().clone());
                 }
+                let fault = Arc::new(fault.for_request(n));
                 streams.spawn(drain(request.into_body()));
-                streams.spawn(misbehave(fault.clone(), respond, seen.clone(), close.clone()));
+                streams.spawn(misbehave(fault, respond, seen.clone(), close.clone()));
             }
             // Dropping the connection closes the socket without GOAWAY.
             () = close.notified() => break,
@@ -300,6 +324,14 @@ async fn misbehave(
                 std::future::pending::<()>().await;
             }
         }
+        Fault::ResetAfterHeaders(reason) => {
+            if let Ok(mut send) = respond.send_response(grpc_headers(StatusCode::OK), false) {
+                tokio::time::sleep(FLUSH_DELAY).await;
+                send.send_reset(*reason);
+            }
+        }
+        // `for_request` resolved the sequence already.
+        Fault::Sequence(_) => {}
         Fault::StallAfterHeaders => {
             if let Ok(mut send) = respond.send_response(grpc_headers(StatusCode::OK), false) {
                 // Holds the stream open; returns when the peer resets it (or the connection

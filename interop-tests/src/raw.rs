@@ -13,7 +13,7 @@
 //! not a violation of framing; [`RawStream::finish`] reports it as `Err`.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
@@ -24,7 +24,7 @@ use http::{HeaderMap, Request};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 
 /// Frame flag of a message (PROTOCOL-HTTP2.md "Length-Prefixed-Message").
@@ -144,6 +144,7 @@ pub struct RawClient {
     addr: SocketAddr,
     mode: Mode,
     read_timeout: Duration,
+    local_ip: Option<IpAddr>,
 }
 
 impl RawClient {
@@ -153,7 +154,16 @@ impl RawClient {
             addr,
             mode,
             read_timeout: DEFAULT_READ_TIMEOUT,
+            local_ip: None,
         }
+    }
+
+    /// The same client connecting from `ip` (port chosen by the OS), so the proxy sees another
+    /// client address: on Linux every 127.0.0.0/8 address is on the loopback interface, so
+    /// `127.0.0.2` is a second client of a proxy on `127.0.0.1`.
+    pub fn with_local_ip(mut self, ip: IpAddr) -> Self {
+        self.local_ip = Some(ip);
+        self
     }
 
     /// The same client with another limit on waiting for response headers and for each read.
@@ -238,9 +248,22 @@ impl RawClient {
     ) -> RawStream {
         let request = self.request(path, headers, body);
         let what = format!("{} {path} ({})", self.addr, self.mode);
-        let tcp = TcpStream::connect(self.addr)
-            .await
-            .unwrap_or_else(|e| panic!("{what}: connecting: {e}"));
+        let tcp = match self.local_ip {
+            None => TcpStream::connect(self.addr).await,
+            Some(ip) => {
+                let socket = if ip.is_ipv4() {
+                    TcpSocket::new_v4()
+                } else {
+                    TcpSocket::new_v6()
+                }
+                .unwrap_or_else(|e| panic!("{what}: socket: {e}"));
+                socket
+                    .bind(SocketAddr::new(ip, 0))
+                    .unwrap_or_else(|e| panic!("{what}: binding {ip}: {e}"));
+                socket.connect(self.addr).await
+            }
+        }
+        .unwrap_or_else(|e| panic!("{what}: connecting: {e}"));
         tcp.set_nodelay(true)
             .unwrap_or_else(|e| panic!("{what}: TCP_NODELAY: {e}"));
         let io = TokioIo::new(tcp);

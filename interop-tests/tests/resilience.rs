@@ -3,19 +3,19 @@
 //! on behaviour (a clock that fires at all, or never), not performance claims.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use pnp_config::{Config, FirstMessage, Profile, Route};
 use pnp_demo::pb::llm::GenerateRequest;
-use pnp_interop_tests::admin::scrape_metrics;
+use pnp_interop_tests::admin::{sample, scrape_metrics};
 use pnp_interop_tests::faults::{Fault, FaultyUpstream};
 use pnp_interop_tests::interop::{encode, EMPTY_CALL, GENERATE};
 use pnp_interop_tests::stack::upstream_url;
@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 const OK: i32 = 0;
 const DEADLINE_EXCEEDED: i32 = 4;
 const RESOURCE_EXHAUSTED: i32 = 8;
+const INTERNAL: i32 = 13;
 const UNAVAILABLE: i32 = 14;
 
 fn generate(tokens: u32, first_ms: u32, gap_ms: u32) -> Vec<u8> {
@@ -292,7 +293,12 @@ async fn a_thousand_streams_with_30_percent_aborting_leave_no_upstream_stream_op
 #[tokio::test]
 async fn over_the_limit_calls_get_resource_exhausted_while_admitted_ones_complete() {
     let limit = 8;
-    let stack = Stack::start_with(|c| c.resilience.max_concurrent_streams = limit).await;
+    let stack = Stack::start_with(|c| {
+        c.resilience.max_concurrent_streams = limit;
+        // One client address makes every call here: this test is about the global limit.
+        c.resilience.max_streams_per_client = Some(limit);
+    })
+    .await;
     let addr = stack.proxy_addr();
     let calls = (0..4 * limit).map(|i| async move {
         let mode = Mode::ALL[i % Mode::ALL.len()];
@@ -388,7 +394,8 @@ async fn degradable_streams_become_one_buffered_reply_when_p95_is_over_its_slo()
 }
 
 /// An upstream whose answers the test scripts: UNAVAILABLE while `down`, else every
-/// `fail_every`-th request UNAVAILABLE and the rest OK. Counts requests.
+/// `fail_every`-th request UNAVAILABLE and the rest OK. Counts requests. It reads the whole
+/// request before it answers.
 struct ScriptedUpstream {
     addr: SocketAddr,
     requests: Arc<AtomicUsize>,
@@ -423,7 +430,10 @@ impl ScriptedUpstream {
                             .header("grpc-status", status)
                             .body(Full::new(Bytes::new()))
                             .expect("response");
-                        async move { Ok::<_, Infallible>(response) }
+                        async move {
+                            let _ = request.into_body().collect().await;
+                            Ok::<_, Infallible>(response)
+                        }
                     });
                     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -623,6 +633,245 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     assert!(
         closed_after < Duration::from_secs(2),
         "closed after {closed_after:?}, the header-read clock is 300-600 ms"
+    );
+}
+
+#[tokio::test]
+async fn one_client_over_its_share_gets_resource_exhausted_while_another_is_served() {
+    let share = 2;
+    let stack = Stack::start_with(|c| {
+        c.resilience.max_concurrent_streams = 100;
+        c.resilience.max_streams_per_client = Some(share);
+    })
+    .await;
+    let addr = stack.proxy_addr();
+    let a = RawClient::new(addr, Mode::GrpcH2).with_local_ip(IpAddr::from([127, 0, 0, 1]));
+    let b = RawClient::new(addr, Mode::WebBinaryH1).with_local_ip(IpAddr::from([127, 0, 0, 2]));
+    // Client A fills its share with streams that send one token and then hold on.
+    let mut held = Vec::new();
+    for _ in 0..share {
+        let mut stream = a.start(GENERATE, &[], &[&generate(2, 0, 60_000)]).await;
+        assert!(
+            stream.next_message().await.is_some(),
+            "A's stream is served"
+        );
+        held.push(stream);
+    }
+    // A's next call is refused, naming the per-client limit, and never reaches the upstream.
+    let upstream_calls = stack.stats().calls_started();
+    let refused = a.call(GENERATE, &[], &[&generate(1, 0, 0)]).await;
+    assert_eq!(
+        refused.grpc_status(),
+        Some(RESOURCE_EXHAUSTED),
+        "{}",
+        refused.grpc_message()
+    );
+    assert!(refused.trailers_only);
+    assert!(
+        refused.grpc_message().contains("per-client limit 2"),
+        "{}",
+        refused.grpc_message()
+    );
+    assert_eq!(
+        refused.http_status, 200,
+        "a gRPC status, not a bare HTTP 429"
+    );
+    // Client B is served in full meanwhile.
+    let (arrivals, code, message) = {
+        let mut stream = b.start(GENERATE, &[], &[&generate(3, 0, 10)]).await;
+        let mut arrivals = 0;
+        while stream.next_message().await.is_some() {
+            arrivals += 1;
+        }
+        let (code, message) = stream.finish().await.expect("a status");
+        (arrivals, code, message)
+    };
+    assert_eq!((code, arrivals), (OK, 3), "{message}");
+    assert_eq!(stack.stats().calls_started(), upstream_calls + 1);
+    // A's streams end (the upstream sees them cancelled): its slots come back.
+    for stream in held {
+        stream.abort();
+    }
+    assert!(
+        stack
+            .stats()
+            .wait_cancelled(2, Duration::from_secs(5))
+            .await
+    );
+    let reply = a.call(GENERATE, &[], &[&generate(1, 0, 0)]).await;
+    assert_eq!(reply.grpc_status(), Some(OK), "{}", reply.grpc_message());
+    let text = scrape_metrics(stack.proxy.admin_addr().expect("admin")).await;
+    assert_eq!(
+        sample(&text, r#"pnp_shed_total{reason="client_share"}"#),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn streams_that_fail_after_their_headers_open_the_breaker() {
+    let upstream = FaultyUpstream::start(Fault::ResetAfterHeaders(h2::Reason::INTERNAL_ERROR))
+        .await
+        .expect("fault upstream");
+    let proxy = Stack::proxy_for(upstream.url(), |c| {
+        set_default_profile(c, profile(FirstMessage::Off, None));
+        c.resilience.breaker_failures = 3;
+        c.resilience.breaker_base_penalty = Duration::from_secs(30);
+        c.resilience.breaker_max_penalty = Duration::from_secs(30);
+    })
+    .await;
+    let client = RawClient::new(proxy.local_addr(), Mode::GrpcH2);
+    for i in 0..3 {
+        let stream = client.start(GENERATE, &[], &[&generate(1, 0, 0)]).await;
+        assert!(
+            !stream.is_trailers_only(),
+            "call {i}: response headers came first"
+        );
+        let (code, message) = stream.finish().await.expect("a status");
+        assert_eq!(code, INTERNAL, "call {i}: {message}");
+        assert!(message.contains("reset"), "call {i}: {message}");
+    }
+    assert_eq!(upstream.paths().len(), 3);
+    // Three failures after headers opened the circuit: the next call fails fast.
+    let reply = RawClient::new(proxy.local_addr(), Mode::WebBinaryH1)
+        .call(GENERATE, &[], &[&generate(1, 0, 0)])
+        .await;
+    assert_eq!(reply.grpc_status(), Some(UNAVAILABLE));
+    assert!(reply.trailers_only);
+    assert!(
+        reply.grpc_message().contains("circuit open"),
+        "{}",
+        reply.grpc_message()
+    );
+    assert_eq!(
+        upstream.paths().len(),
+        3,
+        "an open circuit let a call through"
+    );
+    assert_eq!(
+        breaker_gauge(proxy.admin_addr().expect("admin")).await,
+        Some(2.0)
+    );
+}
+
+#[tokio::test]
+async fn a_probe_whose_client_goes_away_does_not_leave_the_breaker_half_open() {
+    let reset = Fault::ResetAfterHeaders(h2::Reason::INTERNAL_ERROR);
+    let upstream = FaultyUpstream::start(Fault::Sequence(vec![
+        reset.clone(),
+        reset,
+        // The probe: headers, then nothing until pnp resets it.
+        Fault::StallAfterHeaders,
+        Fault::TrailersOnly {
+            code: OK,
+            message: "fine",
+            metadata: vec![],
+        },
+    ]))
+    .await
+    .expect("fault upstream");
+    let proxy = Stack::proxy_for(upstream.url(), |c| {
+        set_default_profile(c, profile(FirstMessage::Off, None));
+        c.resilience.breaker_failures = 2;
+        c.resilience.breaker_base_penalty = Duration::from_millis(200);
+        c.resilience.breaker_max_penalty = Duration::from_millis(200);
+    })
+    .await;
+    let client = RawClient::new(proxy.local_addr(), Mode::GrpcH2);
+    for _ in 0..2 {
+        let (_, code, message) = stream_to_end(
+            proxy.local_addr(),
+            Mode::GrpcH2,
+            GENERATE,
+            &[],
+            &generate(1, 0, 0),
+        )
+        .await;
+        assert_eq!(code, INTERNAL, "{message}");
+    }
+    // The circuit is open; once the penalty is served the first call let through is the probe.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let probe = loop {
+        let stream = client.start(GENERATE, &[], &[&generate(1, 0, 0)]).await;
+        if !stream.is_trailers_only() {
+            break stream;
+        }
+        let (code, message) = stream.finish().await.expect("a status");
+        assert_eq!(code, UNAVAILABLE, "{message}");
+        assert!(message.contains("circuit open"), "{message}");
+        assert!(Instant::now() < deadline, "no probe within 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(upstream.paths().len(), 3);
+    // One probe at a time: meanwhile other calls fail fast.
+    let reply = client.call(GENERATE, &[], &[&generate(1, 0, 0)]).await;
+    assert_eq!(reply.grpc_status(), Some(UNAVAILABLE));
+    assert!(reply.grpc_message().contains("circuit open"));
+    // The probe's client goes away before its status; pnp resets the upstream stream.
+    probe.abort();
+    assert!(
+        upstream.wait_resets(1, Duration::from_secs(5)).await,
+        "the probe's upstream stream was not reset"
+    );
+    // The breaker heard: the next call is let through as the new probe at once, not after
+    // the probe timeout (10 s), and its success closes the circuit.
+    let reply = client.call(GENERATE, &[], &[&generate(1, 0, 0)]).await;
+    assert_eq!(reply.grpc_status(), Some(OK), "{}", reply.grpc_message());
+    assert_eq!(upstream.paths().len(), 4);
+    let admin = proxy.admin_addr().expect("admin");
+    let text = scrape_metrics(admin).await;
+    let abandoned = text
+        .lines()
+        .find(|l| l.starts_with("pnp_breaker_probes_abandoned_total{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert_eq!(abandoned, Some(1.0), "{text}");
+    assert_eq!(breaker_gauge(admin).await, Some(0.0));
+}
+
+#[tokio::test]
+async fn a_request_the_buffer_budget_cannot_hold_is_sent_once_and_not_retried() {
+    // Requests 0, 2, 4, … are answered UNAVAILABLE, the others OK.
+    let upstream = ScriptedUpstream::start(2).await;
+    let proxy = Stack::proxy_for(upstream_url(upstream.addr), |c| {
+        let mut idempotent = Profile {
+            idempotent: true,
+            ..Profile::default()
+        };
+        idempotent.retry.initial_backoff = Duration::from_millis(1);
+        idempotent.retry.max_backoff = Duration::from_millis(5);
+        set_default_profile(c, idempotent);
+        c.limits.buffer_budget = 64;
+    })
+    .await;
+    let client = RawClient::new(proxy.local_addr(), Mode::GrpcH2);
+    // A request within the budget is kept, and the retry after UNAVAILABLE succeeds.
+    let reply = client.call(EMPTY_CALL, &[], &[&[1u8; 16]]).await;
+    assert_eq!(reply.grpc_status(), Some(OK), "{}", reply.grpc_message());
+    assert_eq!(upstream.requests(), 2);
+    // One the budget cannot hold still reaches the upstream, once: no retry can replay it, so
+    // the client gets the upstream's UNAVAILABLE.
+    let reply = client.call(EMPTY_CALL, &[], &[&[2u8; 256]]).await;
+    assert_eq!(
+        reply.grpc_status(),
+        Some(UNAVAILABLE),
+        "{}",
+        reply.grpc_message()
+    );
+    assert_eq!(upstream.requests(), 3, "the call was retried");
+    assert_eq!(upstream.retried.load(Ordering::SeqCst), 1);
+    let text = scrape_metrics(proxy.admin_addr().expect("admin")).await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"pnp_buffer_budget_refusals_total{reason="replay"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "pnp_buffered_bytes"),
+        Some(0.0),
+        "the replay bytes went back: {text}"
     );
 }
 

@@ -153,7 +153,8 @@ pub struct Limits {
     /// allocation.
     pub max_message_size: usize,
     /// Bytes of messages pnp may hold at once over all calls (replay buffers for retries,
-    /// degraded replies, messages being assembled); a call that would exceed it ends with
+    /// degraded replies, messages being assembled). A request the budget cannot keep for a
+    /// retry goes on without one; a call that cannot go on without the bytes ends with
     /// RESOURCE_EXHAUSTED.
     pub buffer_budget: usize,
 }

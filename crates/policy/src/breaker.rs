@@ -29,18 +29,29 @@
 //! ```
 //!
 //! While half-open exactly one caller gets [`Admission::Probe`]; the rest get
-//! [`Admission::Rejected`] until the probe reports back. A probe whose outcome never arrives
-//! (its caller dropped it without reporting) is presumed lost after `probe_timeout`, and the
-//! next caller becomes the probe. Success and failure are reported with
+//! [`Admission::Rejected`] until the probe reports back. Success and failure are reported with
 //! [`Breaker::on_success`] and [`Breaker::on_failure`]; in `Open` they are ignored (they belong
 //! to calls admitted before it opened), in `HalfOpen` the first one settles the probe.
 //!
+//! A probe can also end without telling anything about the upstream: its caller went away, or
+//! the call was ended for a reason of the caller's own. The layer reports that with
+//! [`Breaker::on_probe_abandoned`], naming the probe by the [`ProbeId`] that [`Breaker::probe`]
+//! gave it; the breaker goes back to `Open` with its penalty already served, so the next
+//! caller becomes the probe at once (the penalty does not grow: nothing failed). A probe whose
+//! outcome never arrives at all (a layer that lost it) is presumed lost after `probe_timeout`,
+//! and the next caller becomes the probe.
+//!
+//! ```text
+//!   HalfOpen ── on_probe_abandoned(that probe) ──► Open { until: now } ── allow ──► Probe
+//! ```
+//!
 //! The breaker is a plain value: the layer keeps one per upstream behind a mutex, which is what
 //! makes "exactly one probe" hold across tasks. What counts as a failure is the layer's choice;
-//! it should be the upstream's fault (`UNAVAILABLE`, connect errors, resets), not the client's
-//! (`INVALID_ARGUMENT`, `CANCELLED`). For long streams report success at the first response
-//! message rather than at the end of the stream, so a probe does not hold the breaker half-open
-//! for the whole stream.
+//! it should be the upstream's fault (`UNAVAILABLE`, connect errors, resets, a stream cut after
+//! its headers), not the client's (`INVALID_ARGUMENT`, `CANCELLED`). For long streams settle
+//! the probe at the first response message rather than at the end of the stream, so a probe
+//! does not hold the breaker half-open for the whole stream; report the stream's end as well,
+//! as the outcome of an ordinary call.
 
 use std::time::{Duration, Instant};
 
@@ -129,12 +140,18 @@ pub enum Transition {
     Closed,
 }
 
+/// Names one half-open probe, so that news of an earlier probe cannot settle a later one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProbeId(u64);
+
 /// A circuit breaker for one upstream; see the module docs.
 #[derive(Clone, Debug)]
 pub struct Breaker<R = ChaCha8Rng> {
     config: BreakerConfig,
     state: BreakerState,
     reopens: u32,
+    /// Probes admitted so far; the current one's [`ProbeId`].
+    probes: u64,
     rng: R,
 }
 
@@ -177,6 +194,7 @@ impl<R: Rng> Breaker<R> {
             config,
             state: BreakerState::Closed { failures: 0 },
             reopens: 0,
+            probes: 0,
             rng,
         })
     }
@@ -211,8 +229,31 @@ impl<R: Rng> Breaker<R> {
     }
 
     fn start_probe(&mut self, now: Instant) -> Admission {
+        self.probes = self.probes.wrapping_add(1);
         self.state = BreakerState::HalfOpen { probe_since: now };
         Admission::Probe
+    }
+
+    /// The probe in flight, when half-open. Ask right after [`Breaker::allow`] answered
+    /// [`Admission::Probe`] (under the same lock) and keep it with that call.
+    pub fn probe(&self) -> Option<ProbeId> {
+        match self.state {
+            BreakerState::HalfOpen { .. } => Some(ProbeId(self.probes)),
+            _ => None,
+        }
+    }
+
+    /// The probe `probe` ended at `now` without an outcome (its caller went away): if it is
+    /// still the probe in flight, the breaker goes back to `Open` with the penalty served, so
+    /// the next [`Breaker::allow`] admits a new probe; the penalty does not grow. Returns
+    /// whether it was still in flight (news of a probe that was settled or replaced changes
+    /// nothing).
+    pub fn on_probe_abandoned(&mut self, probe: ProbeId, now: Instant) -> bool {
+        if self.probe() != Some(probe) {
+            return false;
+        }
+        self.state = BreakerState::Open { until: now };
+        true
     }
 
     /// A call (or the probe) succeeded at `now`.
@@ -436,6 +477,58 @@ mod tests {
             b.allow(t1 + ms(2_001)),
             Admission::Rejected { .. }
         ));
+    }
+
+    #[test]
+    fn an_abandoned_probe_lets_the_next_caller_probe_at_once() {
+        let t0 = Instant::now();
+        let mut b = breaker(no_jitter());
+        open_it(&mut b, t0);
+        let t1 = t0 + ms(1_000);
+        assert_eq!(b.probe(), None, "no probe while open");
+        assert_eq!(b.allow(t1), Admission::Probe);
+        let first = b.probe().expect("half-open has a probe");
+        assert!(matches!(b.allow(t1 + ms(10)), Admission::Rejected { .. }));
+        // Its caller goes away: well before the probe timeout, the next caller probes.
+        assert!(b.on_probe_abandoned(first, t1 + ms(20)));
+        assert_eq!(b.state(), BreakerState::Open { until: t1 + ms(20) });
+        assert_eq!(b.allow(t1 + ms(20)), Admission::Probe);
+        let second = b.probe().expect("a new probe");
+        assert_ne!(first, second);
+        // The penalty did not grow: a failing second probe reopens for penalty(2), as if the
+        // abandoned one never happened.
+        assert_eq!(
+            b.on_failure(t1 + ms(30)),
+            Some(Transition::Opened {
+                penalty: ms(2_000),
+                reopens: 2
+            })
+        );
+    }
+
+    #[test]
+    fn news_of_a_settled_or_replaced_probe_changes_nothing() {
+        let t0 = Instant::now();
+        let mut b = breaker(no_jitter());
+        open_it(&mut b, t0);
+        let t1 = t0 + ms(1_000);
+        assert_eq!(b.allow(t1), Admission::Probe);
+        let lost = b.probe().expect("probe");
+        // Presumed lost after the probe timeout, replaced by another probe.
+        assert_eq!(b.allow(t1 + ms(2_000)), Admission::Probe);
+        let current = b.probe().expect("probe");
+        assert!(!b.on_probe_abandoned(lost, t1 + ms(2_001)));
+        assert_eq!(
+            b.state(),
+            BreakerState::HalfOpen {
+                probe_since: t1 + ms(2_000)
+            }
+        );
+        // The current probe succeeds; its late abandonment (a double report) is ignored.
+        assert_eq!(b.on_success(t1 + ms(2_002)), Some(Transition::Closed));
+        assert!(!b.on_probe_abandoned(current, t1 + ms(2_003)));
+        assert_eq!(b.state(), BreakerState::Closed { failures: 0 });
+        assert_eq!(b.probe(), None);
     }
 
     #[test]

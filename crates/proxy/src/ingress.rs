@@ -38,6 +38,7 @@ use tracing::Instrument;
 use crate::abort::CallAbort;
 use crate::admission::{Admission, Admitted};
 use crate::body::RequestBody;
+use crate::budget::BufferBudget;
 use crate::conn::{ClientReset, PeerAddr};
 use crate::profiles::Profiles;
 use crate::reply::{
@@ -72,6 +73,9 @@ pub(crate) struct Inner {
     pub(crate) metrics: Metrics,
     pub(crate) profiles: Profiles,
     pub(crate) admission: Arc<Admission>,
+    /// The global buffer budget (`limits.buffer_budget`), for whatever a call buffers.
+    #[allow(dead_code, reason = "the degraded-reply buffer is put under it next")]
+    pub(crate) budget: BufferBudget,
     pub(crate) edge: EdgeRules,
 }
 
@@ -280,7 +284,8 @@ impl Inner {
         let policy = self
             .profiles
             .select(head.service(), head.method(), job.route.as_deref());
-        let degrade = match self.admission.admit(policy.degradable) {
+        let client = parts.extensions.get::<PeerAddr>().map(|peer| peer.0.ip());
+        let degrade = match self.admission.admit(policy.degradable, client) {
             Admitted::Yes { permit, degrade } => {
                 observer.permit = Some(permit);
                 degrade

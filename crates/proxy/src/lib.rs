@@ -15,6 +15,7 @@ mod abort;
 mod admin;
 mod admission;
 mod body;
+mod budget;
 mod conn;
 mod cors;
 mod h2server;
@@ -133,10 +134,12 @@ impl Proxy {
             admission::Admission::new(&config.resilience, metrics.clone())
                 .map_err(StartError::Config)?,
         );
+        let budget = budget::BufferBudget::new(config.limits.buffer_budget, &metrics);
         let upstream = resilience::GuardedUpstream::new(
             tower::util::BoxCloneSyncService::new(transport),
             upstream_name.trim_end_matches('/').to_owned(),
             &config.resilience,
+            budget.clone(),
             metrics.clone(),
         )
         .map_err(StartError::Config)?;
@@ -149,6 +152,7 @@ impl Proxy {
             profiles,
             admission,
             edge: ingress::EdgeRules::new(&config.cors, &config.edge),
+            budget,
         });
         let service = tower::ServiceBuilder::new()
             .layer(cors::layer(&config.cors))

@@ -7,15 +7,29 @@
 //! never reached the upstream), attempts left, time left, a replay buffer that held the whole
 //! request, and the per-upstream throttle's consent. Each retry carries
 //! `grpc-previous-rpc-attempts` and the time left as `grpc-timeout`.
+//!
+//! The breaker counts what is the upstream's doing. Before response headers: a failure blamed
+//! on the upstream (connect error, reset, lost connection) or an UNAVAILABLE answer is a
+//! failure, any other answer a success. A streaming reply is counted when its stream ends:
+//! UNAVAILABLE, INTERNAL or UNKNOWN (a reset, a lost connection, a stream cut without its
+//! status) is a failure, any other final status a success. A call that ends for the client's
+//! or pnp's own reasons (the client went away or sent bad input, a clock, shutdown) is not
+//! counted; if it was the half-open probe, the breaker hears that the probe was abandoned and
+//! lets the next call probe. A probe that streams settles at its first response message.
 
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
+use futures_core::Stream;
 use http::HeaderValue;
-use pnp_call::{BoxMessageStream, Call, CallHead, Code, Reply, Status};
+use pnp_call::{BoxMessageStream, BoxReplyStream, Call, CallHead, Code, Reply, ReplyItem, Status};
 use pnp_config::Resilience;
 use pnp_policy::backoff::Pushback;
-use pnp_policy::breaker::{Admission as BreakerAdmission, Breaker, BreakerConfig, BreakerState};
+use pnp_policy::breaker::{
+    Admission as BreakerAdmission, Breaker, BreakerConfig, BreakerState, ProbeId,
+};
 use pnp_policy::retry::{AttemptOutcome, RetryDecision, RetryState};
 use pnp_policy::throttle::{RetryThrottle, TokenBucket};
 use pnp_telemetry::Metrics;
@@ -25,6 +39,7 @@ use rand_chacha::ChaCha8Rng;
 use tower::ServiceExt;
 
 use crate::abort::CallAbort;
+use crate::budget::BufferBudget;
 use crate::ingress::Transport;
 use crate::profiles::CallPolicy;
 use crate::replay::Replay;
@@ -32,17 +47,25 @@ use crate::replay::Replay;
 /// One upstream with its breaker and retry throttle.
 pub(crate) struct GuardedUpstream {
     transport: Transport,
-    name: String,
-    breaker: Mutex<Breaker>,
+    breaker: Arc<GuardedBreaker>,
     throttle: Mutex<RetryThrottle>,
     rng: Mutex<ChaCha8Rng>,
+    /// Holds the request bytes kept for retries.
+    budget: BufferBudget,
+    metrics: Metrics,
+}
+
+/// The breaker of one upstream, shared with the [`BreakerTicket`]s of its calls in flight.
+struct GuardedBreaker {
+    breaker: Mutex<Breaker>,
+    name: String,
     metrics: Metrics,
 }
 
 impl std::fmt::Debug for GuardedUpstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GuardedUpstream")
-            .field("name", &self.name)
+            .field("name", &self.breaker.name)
             .finish()
     }
 }
@@ -52,6 +75,7 @@ impl GuardedUpstream {
         transport: Transport,
         name: String,
         config: &Resilience,
+        budget: BufferBudget,
         metrics: Metrics,
     ) -> Result<Self, String> {
         let seed: u64 = rand::random();
@@ -71,15 +95,23 @@ impl GuardedUpstream {
         metrics.set_retry_tokens(bucket.tokens());
         Ok(Self {
             transport,
-            name,
-            breaker: Mutex::new(breaker),
+            breaker: Arc::new(GuardedBreaker {
+                breaker: Mutex::new(breaker),
+                name,
+                metrics: metrics.clone(),
+            }),
             throttle: Mutex::new(RetryThrottle::TokenBucket(bucket)),
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed.rotate_left(17))),
+            budget,
             metrics,
         })
     }
 
     /// Send a call, retrying as its policy allows, until a reply or a final failure.
+    ///
+    /// The breaker hears how each attempt went: at once for a failure or a Trailers-Only reply;
+    /// for a streaming reply when its stream ends (the reply's items carry the attempt's
+    /// [`BreakerTicket`]), so a stream cut after its headers counts as a failure.
     pub(crate) async fn call(
         &self,
         head: CallHead,
@@ -93,16 +125,44 @@ impl GuardedUpstream {
             throttle.on_request(Instant::now());
         }
         // Without a retry policy the messages go to the one attempt as they are.
-        let (replay, mut single) = match &policy.retry {
+        let (replay, single) = match &policy.retry {
             Some(retry) => (
-                Some(Replay::new(messages, retry.replay_buffer_limit())),
+                Some(Replay::new(
+                    messages,
+                    retry.replay_buffer_limit(),
+                    self.budget.clone(),
+                )),
                 None,
             ),
             None => (None, Some(messages)),
         };
+        let result = self
+            .attempts(head, replay.as_ref(), single, policy, deadline, job, abort)
+            .await;
+        // No attempt follows: what was kept for one goes back to the budget now, not when the
+        // request stream ends (which, for a streaming request, is the end of the call).
+        if let Some(replay) = &replay {
+            replay.release();
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn attempts(
+        &self,
+        head: CallHead,
+        replay: Option<&Replay>,
+        mut single: Option<BoxMessageStream>,
+        policy: &CallPolicy,
+        deadline: Option<Instant>,
+        job: Option<&str>,
+        abort: CallAbort,
+    ) -> Result<Reply, TransportError> {
         let mut state = RetryState::new();
         loop {
-            self.admit()?;
+            // Dropped unsettled (this future dropped, the client's side failed), the ticket
+            // tells the breaker that a probe was abandoned.
+            let ticket = self.admit()?;
             let mut attempt = head.clone();
             if state.attempts() > 0 {
                 attempt.metadata.insert(
@@ -113,7 +173,7 @@ impl GuardedUpstream {
             if let Some(at) = deadline {
                 attempt.timeout = Some(at.saturating_duration_since(Instant::now()));
             }
-            let messages = match (&replay, single.take()) {
+            let messages = match (replay, single.take()) {
                 (Some(replay), _) => replay.reader(),
                 (None, Some(messages)) => messages,
                 (None, None) => {
@@ -164,7 +224,17 @@ impl GuardedUpstream {
                     e.blame == Blame::Upstream,
                 ),
             };
-            self.report(now, upstream_failed);
+            let result = match result {
+                // A streaming reply is settled when its stream ends.
+                Ok(Reply::Stream { head, items }) => Ok(Reply::Stream {
+                    head,
+                    items: ticket.watch(items, abort.clone()),
+                }),
+                other => {
+                    ticket.settle(now, upstream_failed);
+                    other
+                }
+            };
 
             let Some(retry) = &policy.retry else {
                 return result;
@@ -174,7 +244,7 @@ impl GuardedUpstream {
                 committed: false,
                 idempotent: policy.idempotent,
                 unprocessed,
-                replay_overflowed: replay.as_ref().is_some_and(Replay::overflowed),
+                replay_overflowed: replay.is_some_and(Replay::overflowed),
                 pushback,
                 time_left: deadline.map(|at| at.saturating_duration_since(now)),
             };
@@ -213,21 +283,23 @@ impl GuardedUpstream {
     }
 
     /// Ask the breaker; an open circuit fails the call fast, before any I/O.
-    fn admit(&self) -> Result<(), TransportError> {
-        let Ok(mut breaker) = self.breaker.lock() else {
-            return Ok(());
+    fn admit(&self) -> Result<BreakerTicket, TransportError> {
+        let cell = &self.breaker;
+        let Ok(mut breaker) = cell.breaker.lock() else {
+            return Ok(BreakerTicket::new(cell.clone(), None));
         };
         let admission = breaker.allow(Instant::now());
-        self.metrics
-            .set_breaker_state(&self.name, state_value(breaker.state()));
+        cell.metrics
+            .set_breaker_state(&cell.name, state_value(breaker.state()));
         match admission {
-            BreakerAdmission::Allowed | BreakerAdmission::Probe => Ok(()),
+            BreakerAdmission::Allowed => Ok(BreakerTicket::new(cell.clone(), None)),
+            BreakerAdmission::Probe => Ok(BreakerTicket::new(cell.clone(), breaker.probe())),
             BreakerAdmission::Rejected { retry_after } => Err(TransportError {
                 status: Box::new(Status::new(
                     Code::Unavailable,
                     format!(
                         "pnp: circuit open for upstream {} after repeated failures; next probe in {} ms",
-                        self.name,
+                        cell.name,
                         retry_after.as_millis()
                     ),
                 )),
@@ -236,7 +308,9 @@ impl GuardedUpstream {
             }),
         }
     }
+}
 
+impl GuardedBreaker {
     fn report(&self, now: Instant, failed: bool) {
         let Ok(mut breaker) = self.breaker.lock() else {
             return;
@@ -251,6 +325,133 @@ impl GuardedUpstream {
         }
         self.metrics
             .set_breaker_state(&self.name, state_value(breaker.state()));
+    }
+
+    fn abandon(&self, probe: ProbeId, now: Instant) {
+        let Ok(mut breaker) = self.breaker.lock() else {
+            return;
+        };
+        if breaker.on_probe_abandoned(probe, now) {
+            self.metrics.breaker_probe_abandoned(&self.name);
+            tracing::info!(
+                upstream = %self.name,
+                "circuit breaker probe abandoned before an outcome; the next call probes"
+            );
+            self.metrics
+                .set_breaker_state(&self.name, state_value(breaker.state()));
+        }
+    }
+}
+
+/// One attempt's account with the breaker: settled once with how the attempt went.
+///
+/// Settled explicitly for a failure or a Trailers-Only reply; a streaming reply carries it in
+/// its items ([`BreakerTicket::watch`]) and it is settled by the stream's final status. A
+/// ticket dropped unsettled (the caller went away, the client's side failed, or pnp ended the
+/// call itself: a clock, shutdown) says nothing about the upstream and is not counted, except
+/// that a half-open probe is reported as abandoned, so the next call probes instead of the
+/// breaker waiting for an outcome that will never come.
+pub(crate) struct BreakerTicket {
+    breaker: Arc<GuardedBreaker>,
+    /// This attempt is the half-open probe, still unsettled.
+    probe: Option<ProbeId>,
+    settled: bool,
+}
+
+impl BreakerTicket {
+    fn new(breaker: Arc<GuardedBreaker>, probe: Option<ProbeId>) -> Self {
+        Self {
+            breaker,
+            probe,
+            settled: false,
+        }
+    }
+
+    /// The attempt ended with `code` after its response headers: UNAVAILABLE, INTERNAL and
+    /// UNKNOWN (how a reset, a lost connection or a stream cut without its status reach the
+    /// client) count as the upstream's failure; any other status is the upstream answering.
+    pub(crate) fn report(mut self, code: Code) {
+        let failed = matches!(code, Code::Unavailable | Code::Internal | Code::Unknown);
+        self.settle_mut(Instant::now(), failed);
+    }
+
+    fn settle(mut self, now: Instant, failed: bool) {
+        self.settle_mut(now, failed);
+    }
+
+    fn settle_mut(&mut self, now: Instant, failed: bool) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        self.probe = None;
+        self.breaker.report(now, failed);
+    }
+
+    /// A probe's stream delivered its first message: the upstream is serving again, so the
+    /// probe settles now (closing the breaker) rather than holding it half-open for the whole
+    /// stream. The stream's end is still reported, as an ordinary call.
+    fn first_message(&mut self) {
+        if self.probe.take().is_some() {
+            self.breaker.report(Instant::now(), false);
+        }
+    }
+
+    /// `items` that settle this ticket with their final status, unless the client's side
+    /// failed first (`abort`): then the status is pnp resetting the upstream, not the
+    /// upstream failing.
+    fn watch(self, items: BoxReplyStream, abort: CallAbort) -> BoxReplyStream {
+        Box::pin(Watched {
+            ticket: Some(self),
+            items,
+            abort,
+        })
+    }
+}
+
+impl Drop for BreakerTicket {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        if let Some(probe) = self.probe.take() {
+            self.breaker.abandon(probe, Instant::now());
+        }
+    }
+}
+
+/// A streaming reply's items, reporting its final status to the breaker.
+struct Watched {
+    // Declared first so it is dropped (reporting an abandoned probe) before the upstream
+    // stream is reset.
+    ticket: Option<BreakerTicket>,
+    items: BoxReplyStream,
+    abort: CallAbort,
+}
+
+impl Stream for Watched {
+    type Item = ReplyItem;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ReplyItem>> {
+        let this = self.get_mut();
+        let item = ready!(this.items.as_mut().poll_next(cx));
+        let code = match &item {
+            Some(ReplyItem::Message(_)) => {
+                if let Some(ticket) = this.ticket.as_mut() {
+                    ticket.first_message();
+                }
+                return Poll::Ready(item);
+            }
+            Some(ReplyItem::Status(status)) => status.code,
+            // A stream that ends without a status reaches the client as INTERNAL.
+            None => Code::Internal,
+        };
+        let ticket = this.ticket.take();
+        // Once the client's side failed, the stream's end is pnp resetting the upstream, not
+        // the upstream failing: the ticket goes unsettled (a probe is reported abandoned).
+        if let (Some(ticket), false) = (ticket, this.abort.token().is_cancelled()) {
+            ticket.report(code);
+        }
+        Poll::Ready(item)
     }
 }
 
@@ -282,5 +483,251 @@ fn code_label(code: Code) -> &'static str {
         Code::Unavailable => "unavailable",
         Code::DataLoss => "data_loss",
         Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::time::Duration;
+
+    use futures_util::StreamExt;
+    use pnp_call::{Message, ResponseHead};
+
+    use super::*;
+
+    /// What the fake upstream answers, call by call.
+    enum Answer {
+        /// Headers, these items, then (if `hang`) nothing more, ever.
+        Stream { items: Vec<ReplyItem>, hang: bool },
+    }
+
+    fn stream(items: Vec<ReplyItem>) -> Answer {
+        Answer::Stream { items, hang: false }
+    }
+
+    fn status(code: Code) -> ReplyItem {
+        ReplyItem::Status(Status::new(code, "scripted"))
+    }
+
+    fn upstream(answers: Vec<Answer>, failures: u32) -> (GuardedUpstream, Metrics) {
+        let answers = Arc::new(Mutex::new(VecDeque::from(answers)));
+        let transport = tower::service_fn(move |_call: Call| {
+            let answer = answers.lock().expect("lock").pop_front();
+            async move {
+                match answer {
+                    Some(Answer::Stream { items, hang }) => {
+                        let items = futures_util::stream::iter(items);
+                        let items: BoxReplyStream = if hang {
+                            Box::pin(items.chain(futures_util::stream::pending()))
+                        } else {
+                            Box::pin(items)
+                        };
+                        Ok(Reply::Stream {
+                            head: ResponseHead::default(),
+                            items,
+                        })
+                    }
+                    None => Err(TransportError::upstream(Code::Unavailable, "no answer")),
+                }
+            }
+        });
+        let config = Resilience {
+            breaker_failures: failures,
+            breaker_base_penalty: Duration::from_millis(1),
+            breaker_max_penalty: Duration::from_millis(1),
+            ..Resilience::default()
+        };
+        let metrics = Metrics::new();
+        let budget = BufferBudget::new(1 << 20, &metrics);
+        let guarded = GuardedUpstream::new(
+            tower::util::BoxCloneSyncService::new(transport),
+            "up".into(),
+            &config,
+            budget,
+            metrics.clone(),
+        )
+        .expect("valid");
+        (guarded, metrics)
+    }
+
+    fn policy() -> CallPolicy {
+        CallPolicy {
+            name: "test".into(),
+            first_message: None,
+            first_message_explicit: false,
+            idle: None,
+            idle_explicit: false,
+            max_duration: None,
+            retry: None,
+            idempotent: false,
+            degradable: false,
+        }
+    }
+
+    async fn call(upstream: &GuardedUpstream) -> Result<Reply, TransportError> {
+        call_with(upstream, CallAbort::default()).await
+    }
+
+    async fn call_with(
+        upstream: &GuardedUpstream,
+        abort: CallAbort,
+    ) -> Result<Reply, TransportError> {
+        let head = CallHead {
+            path: "/a.B/C".parse().expect("path"),
+            subtype: None,
+            metadata: http::HeaderMap::new(),
+            timeout: None,
+        };
+        let messages: BoxMessageStream = Box::pin(futures_util::stream::empty());
+        upstream
+            .call(head, messages, &policy(), None, None, abort)
+            .await
+    }
+
+    /// The items of a streaming reply, read to the end.
+    async fn drain(reply: Result<Reply, TransportError>) -> Vec<ReplyItem> {
+        match reply {
+            Ok(Reply::Stream { items, .. }) => items.collect().await,
+            Ok(Reply::TrailersOnly(status)) => panic!("trailers-only {status:?}"),
+            Err(e) => panic!("failed: {e}"),
+        }
+    }
+
+    fn state(upstream: &GuardedUpstream) -> BreakerState {
+        upstream.breaker.breaker.lock().expect("lock").state()
+    }
+
+    async fn until_the_penalty_is_served(upstream: &GuardedUpstream) {
+        while let BreakerState::Open { until } = state(upstream) {
+            tokio::time::sleep(until.saturating_duration_since(Instant::now())).await;
+            if Instant::now() >= until {
+                break;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_that_fail_after_their_headers_open_the_breaker() {
+        let (upstream, _) = upstream(
+            vec![
+                stream(vec![status(Code::Internal)]),
+                stream(vec![
+                    ReplyItem::Message(Message::new("a")),
+                    status(Code::Unavailable),
+                ]),
+            ],
+            2,
+        );
+        drain(call(&upstream).await).await;
+        assert_eq!(state(&upstream), BreakerState::Closed { failures: 1 });
+        drain(call(&upstream).await).await;
+        assert!(matches!(state(&upstream), BreakerState::Open { .. }));
+    }
+
+    #[tokio::test]
+    async fn failures_count_only_in_a_row_and_other_statuses_are_successes() {
+        let (upstream, _) = upstream(
+            vec![
+                stream(vec![status(Code::Internal)]),
+                stream(vec![status(Code::NotFound)]),
+                stream(vec![status(Code::Internal)]),
+                stream(vec![
+                    ReplyItem::Message(Message::new("a")),
+                    status(Code::Ok),
+                ]),
+            ],
+            2,
+        );
+        for _ in 0..4 {
+            drain(call(&upstream).await).await;
+        }
+        assert_eq!(state(&upstream), BreakerState::Closed { failures: 0 });
+    }
+
+    #[tokio::test]
+    async fn a_stream_dropped_before_its_status_is_not_counted() {
+        let (upstream, _) = upstream(
+            vec![Answer::Stream {
+                items: vec![],
+                hang: true,
+            }],
+            1,
+        );
+        let reply = call(&upstream).await.expect("a reply");
+        drop(reply);
+        assert_eq!(state(&upstream), BreakerState::Closed { failures: 0 });
+    }
+
+    #[tokio::test]
+    async fn the_end_of_a_stream_whose_client_side_failed_is_not_counted() {
+        let (upstream, _) = upstream(vec![stream(vec![status(Code::Internal)])], 1);
+        let abort = CallAbort::default();
+        let reply = call_with(&upstream, abort.clone()).await;
+        // Bad input from the client: pnp resets the upstream stream, which then ends INTERNAL.
+        abort.abort(Status::new(Code::Internal, "pnp: malformed request frame"));
+        drain(reply).await;
+        assert_eq!(state(&upstream), BreakerState::Closed { failures: 0 });
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_probe_lets_the_next_call_probe() {
+        let (upstream, metrics) = upstream(
+            vec![
+                stream(vec![status(Code::Unavailable)]),
+                Answer::Stream {
+                    items: vec![],
+                    hang: true,
+                },
+                stream(vec![status(Code::Ok)]),
+            ],
+            1,
+        );
+        drain(call(&upstream).await).await;
+        until_the_penalty_is_served(&upstream).await;
+        let probe = call(&upstream).await.expect("the probe is let through");
+        assert!(matches!(state(&upstream), BreakerState::HalfOpen { .. }));
+        assert!(
+            call(&upstream).await.is_err(),
+            "one probe at a time: the second call fails fast"
+        );
+        // The probe's caller goes away before its status.
+        drop(probe);
+        let items = drain(call(&upstream).await).await;
+        assert!(matches!(items.as_slice(), [ReplyItem::Status(s)] if s.code == Code::Ok));
+        assert_eq!(state(&upstream), BreakerState::Closed { failures: 0 });
+        assert!(
+            metrics
+                .encode()
+                .contains(r#"pnp_breaker_probes_abandoned_total{upstream="up"} 1"#),
+            "{}",
+            metrics.encode()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_streaming_probe_settles_at_its_first_message() {
+        let (upstream, _) = upstream(
+            vec![
+                stream(vec![status(Code::Unavailable)]),
+                Answer::Stream {
+                    items: vec![ReplyItem::Message(Message::new("token"))],
+                    hang: true,
+                },
+            ],
+            1,
+        );
+        drain(call(&upstream).await).await;
+        until_the_penalty_is_served(&upstream).await;
+        let Ok(Reply::Stream { mut items, .. }) = call(&upstream).await else {
+            panic!("the probe streams");
+        };
+        assert!(matches!(state(&upstream), BreakerState::HalfOpen { .. }));
+        assert!(matches!(items.next().await, Some(ReplyItem::Message(_))));
+        assert_eq!(
+            state(&upstream),
+            BreakerState::Closed { failures: 0 },
+            "closed while the probe still streams"
+        );
     }
 }

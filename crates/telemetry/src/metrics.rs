@@ -126,6 +126,11 @@ struct UpstreamLabels {
     upstream: Label,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BufferLabels {
+    reason: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn message_time_histogram() -> Histogram {
@@ -157,10 +162,13 @@ struct Inner {
     retry_tokens: Gauge<f64, AtomicU64>,
     shed: Family<ShedLabels, Counter>,
     breaker_state: Family<UpstreamLabels, Gauge>,
+    breaker_probes_abandoned: Family<UpstreamLabels, Counter>,
     queue_depth: Gauge,
     connections_open: Gauge,
     connections_refused: Family<ShedLabels, Counter>,
     client_resets: Family<ProtocolLabels, Counter>,
+    buffered_bytes: Gauge,
+    buffer_refusals: Family<BufferLabels, Counter>,
     methods: BoundedValues,
     jobs: BoundedValues,
 }
@@ -241,7 +249,7 @@ impl Metrics {
         let shed = Family::default();
         registry.register(
             "shed",
-            "Calls shed or degraded, by reason (concurrency, queue, slo_degrade)",
+            "Calls shed or degraded, by reason (concurrency, client_share, slo_degrade)",
             shed.clone(),
         );
         let breaker_state = Family::default();
@@ -249,6 +257,12 @@ impl Metrics {
             "breaker_state",
             "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open",
             breaker_state.clone(),
+        );
+        let breaker_probes_abandoned = Family::default();
+        registry.register(
+            "breaker_probes_abandoned",
+            "Half-open circuit breaker probes whose caller went away before an outcome, per upstream (the next call probes instead)",
+            breaker_probes_abandoned.clone(),
         );
         let queue_depth = Gauge::default();
         registry.register(
@@ -274,6 +288,18 @@ impl Metrics {
             "Calls pnp ended whose final status the client did not read in time, so its stream was reset (HTTP/2) or its connection closed (HTTP/1.1), by protocol",
             client_resets.clone(),
         );
+        let buffered_bytes = Gauge::default();
+        registry.register(
+            "buffered_bytes",
+            "Message bytes pnp holds under the global buffer budget (limits.buffer_budget)",
+            buffered_bytes.clone(),
+        );
+        let buffer_refusals = Family::default();
+        registry.register(
+            "buffer_budget_refusals",
+            "Times the global buffer budget could not take more bytes, by what asked (replay: a request stopped being kept for retries)",
+            buffer_refusals.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -289,10 +315,13 @@ impl Metrics {
                 retry_tokens,
                 shed,
                 breaker_state,
+                breaker_probes_abandoned,
                 queue_depth,
                 connections_open,
                 connections_refused,
                 client_resets,
+                buffered_bytes,
+                buffer_refusals,
                 methods: BoundedValues::new(METHOD_LIMIT),
                 jobs: BoundedValues::new(JOB_LIMIT),
             }),
@@ -387,6 +416,17 @@ impl Metrics {
             .set(state);
     }
 
+    /// A half-open probe of `upstream`'s breaker ended without an outcome (its caller went
+    /// away), so the next call becomes the probe.
+    pub fn breaker_probe_abandoned(&self, upstream: &str) {
+        self.inner
+            .breaker_probes_abandoned
+            .get_or_create(&UpstreamLabels {
+                upstream: Label(Arc::from(upstream)),
+            })
+            .inc();
+    }
+
     /// The gauge of calls waiting for upstream response headers.
     pub fn queue_depth(&self) -> Gauge {
         self.inner.queue_depth.clone()
@@ -411,6 +451,19 @@ impl Metrics {
         self.inner
             .client_resets
             .get_or_create(&ProtocolLabels { protocol })
+            .inc();
+    }
+
+    /// The gauge of message bytes held under the global buffer budget.
+    pub fn buffered_bytes(&self) -> Gauge {
+        self.inner.buffered_bytes.clone()
+    }
+
+    /// The buffer budget refused bytes that `reason` (e.g. `replay`) asked for.
+    pub fn buffer_refused(&self, reason: &'static str) {
+        self.inner
+            .buffer_refusals
+            .get_or_create(&BufferLabels { reason })
             .inc();
     }
 
@@ -590,6 +643,27 @@ mod tests {
         );
         assert!(
             text.contains(r#"pnp_active_streams{transport="h2"} 0"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn buffer_and_breaker_probe_series() {
+        let metrics = Metrics::new();
+        let gauge = metrics.buffered_bytes();
+        gauge.inc_by(300);
+        gauge.dec_by(100);
+        metrics.buffer_refused("replay");
+        metrics.buffer_refused("replay");
+        metrics.breaker_probe_abandoned("http://up:50051");
+        let text = metrics.encode();
+        assert!(text.contains("pnp_buffered_bytes 200"), "{text}");
+        assert!(
+            text.contains(r#"pnp_buffer_budget_refusals_total{reason="replay"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"pnp_breaker_probes_abandoned_total{upstream="http://up:50051"} 1"#),
             "{text}"
         );
     }
