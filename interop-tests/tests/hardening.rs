@@ -628,3 +628,56 @@ async fn the_connection_limit_holds_and_spares_existing_calls() {
         .await;
     assert_eq!(reply.grpc_status(), Some(OK), "{}", reply.grpc_message());
 }
+
+/// A message that would take pnp past its global buffer budget while it is assembled ends its
+/// call with RESOURCE_EXHAUSTED naming the budget, in every mode, and never reaches the
+/// upstream; calls that fit go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_buffer_budget_is_refused_clearly() {
+    let stack = Stack::start_with(|c| c.limits.buffer_budget = 64 * 1024).await;
+    let addr = stack.proxy_addr();
+    let big = encode(&StreamingOutputCallRequest {
+        payload: Some(pnp_demo::pb::grpc_testing::Payload {
+            body: vec![7; 100 * 1024],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    for mode in [Mode::GrpcH2, Mode::WebBinaryH1, Mode::WebTextH2] {
+        let reply = RawClient::new(addr, mode)
+            .call(STREAMING_OUTPUT_CALL, &[], &[&big])
+            .await;
+        assert_eq!(
+            reply.grpc_status(),
+            Some(RESOURCE_EXHAUSTED),
+            "{mode:?}: {}",
+            reply.grpc_message()
+        );
+        assert!(
+            reply
+                .grpc_message()
+                .contains("buffer budget of 65536 bytes"),
+            "{mode:?}: {}",
+            reply.grpc_message()
+        );
+        let small = RawClient::new(addr, mode)
+            .call(EMPTY_CALL, &[], &[&[]])
+            .await;
+        assert_eq!(small.grpc_status(), Some(OK), "{mode:?}");
+    }
+    assert_eq!(
+        stack.stats().calls_started(),
+        3,
+        "only the small calls reached the upstream"
+    );
+    let text = metrics(&stack).await;
+    assert_eq!(
+        sample(
+            &text,
+            "pnp_buffer_budget_refusals_total{reason=\"request\"}"
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "pnp_buffered_bytes"), Some(0.0), "{text}");
+}

@@ -74,6 +74,15 @@ impl BufferBudget {
         self.inner.metrics.buffer_refused(reason);
     }
 
+    /// A reservation of nothing yet, to grow with [`Reservation::try_grow`] or
+    /// [`Reservation::set`].
+    pub(crate) fn reserve_nothing(&self) -> Reservation {
+        Reservation {
+            budget: self.clone(),
+            bytes: 0,
+        }
+    }
+
     fn take(&self, bytes: usize) -> bool {
         if bytes == 0 {
             return true;
@@ -111,6 +120,27 @@ impl Reservation {
         true
     }
 
+    /// Hold exactly `bytes`: give back what is no longer needed, or take the difference; false
+    /// (and the holding unchanged) when the budget cannot take it.
+    pub(crate) fn set(&mut self, bytes: usize) -> bool {
+        if bytes <= self.bytes {
+            self.budget.give_back(self.bytes - bytes);
+            self.bytes = bytes;
+            return true;
+        }
+        self.try_grow(bytes - self.bytes)
+    }
+
+    /// The budget's limit, for the status of a refused call.
+    pub(crate) fn budget_limit(&self) -> usize {
+        self.budget.limit()
+    }
+
+    /// Count a refusal for `reason` (what asked for the bytes).
+    pub(crate) fn refused(&self, reason: &'static str) {
+        self.budget.refused(reason);
+    }
+
     /// Bytes this reservation holds.
     #[cfg(test)]
     pub(crate) fn bytes(&self) -> usize {
@@ -129,10 +159,6 @@ fn gauge_delta(bytes: usize) -> i64 {
 }
 
 /// The status of a call ended because the buffer budget of `limit` bytes is spent.
-#[allow(
-    dead_code,
-    reason = "for the degraded-reply path, which buffers under the budget next"
-)]
 pub(crate) fn budget_status(limit: usize) -> Status {
     Status::new(
         Code::ResourceExhausted,

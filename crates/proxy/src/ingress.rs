@@ -74,7 +74,6 @@ pub(crate) struct Inner {
     pub(crate) profiles: Profiles,
     pub(crate) admission: Arc<Admission>,
     /// The global buffer budget (`limits.buffer_budget`), for whatever a call buffers.
-    #[allow(dead_code, reason = "the degraded-reply buffer is put under it next")]
     pub(crate) budget: BufferBudget,
     pub(crate) edge: EdgeRules,
 }
@@ -314,6 +313,7 @@ impl Inner {
             abort.clone(),
             self.metrics.request_counters(self.transport_name),
             activity,
+            &self.budget,
         );
         let waiting = self.admission.waiting();
         let reply = self.upstream.call(
@@ -368,6 +368,7 @@ impl Inner {
                         shutdown: self.shutdown.clone(),
                         degrade,
                         client_reset,
+                        budget: self.budget.clone(),
                     },
                     observer,
                 ));

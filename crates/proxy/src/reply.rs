@@ -40,6 +40,7 @@ use tokio::time::Instant as TokioInstant;
 
 use crate::abort::CallAbort;
 use crate::admission::Permit;
+use crate::budget::{budget_status, BufferBudget, Reservation};
 use crate::conn::ClientReset;
 use crate::request::RequestActivity;
 
@@ -169,6 +170,8 @@ pub(crate) struct Clocks {
     /// Resets the client's stream (or closes its HTTP/1.1 connection) when it does not take
     /// the status of a call pnp ended; `None` where the connection offers no such signal.
     pub(crate) client_reset: Option<ClientReset>,
+    /// The global buffer budget, which a degraded (buffered) reply must fit in.
+    pub(crate) budget: BufferBudget,
 }
 
 /// The status of calls still running when the shutdown grace period is over.
@@ -286,6 +289,8 @@ struct Streaming {
     clocks: CallClocks,
     /// Degraded call: messages gathered here and sent as one reply with the status.
     buffer: Option<BytesMut>,
+    /// The bytes of `buffer`, under the global buffer budget.
+    held: Reservation,
     /// Frames waiting their turn, in order: a status that came in a coalesced burst, a buffered
     /// reply and its status, a status the watchdog decided while the body was not polled.
     queue: VecDeque<Frame<FrameBuf>>,
@@ -323,6 +328,7 @@ impl ReplyBody {
                 guard: ReplyGuard::new(),
                 clocks: clocks.call,
                 buffer: clocks.degrade.then(BytesMut::new),
+                held: clocks.budget.reserve_nothing(),
                 queue: VecDeque::new(),
                 observer,
                 waker: None,
@@ -504,6 +510,15 @@ impl Streaming {
                     None => Poll::Ready(Some(Frame::data(self.coalesce(frame, cx)))),
                     Some(buffer) => {
                         // Degraded: keep it for the single reply, and look for the next item.
+                        if !self.held.try_grow(bytes::Buf::remaining(&frame)) {
+                            // The reply cannot be held: end the call rather than grow past
+                            // the budget (and drop what was gathered).
+                            self.held.refused("degraded_reply");
+                            buffer.clear();
+                            let limit = self.held.budget_limit();
+                            self.end(budget_status(limit));
+                            return Poll::Ready(self.queue.pop_front());
+                        }
                         buffer.extend_from_slice(&frame.to_bytes());
                         cx.waker().wake_by_ref();
                         Poll::Pending

@@ -18,6 +18,7 @@ use pnp_telemetry::Counter;
 
 use crate::abort::CallAbort;
 use crate::body::RequestBody;
+use crate::budget::{budget_status, BufferBudget, Reservation};
 
 /// Decodes a gRPC or gRPC-Web request body into messages. Bad input ends the call: the error
 /// status goes to the reply driver through [`CallAbort`] (so the client sees *this* status, not
@@ -36,6 +37,8 @@ pub(crate) struct RequestMessages {
     done: bool,
     counters: (Counter, Counter),
     activity: RequestActivity,
+    /// The bytes of messages being assembled, under the global buffer budget.
+    held: Reservation,
 }
 
 /// When the client last sent a message, shared with the clocks that reset on it (the idle clock
@@ -77,6 +80,7 @@ impl RequestMessages {
         abort: CallAbort,
         counters: (Counter, Counter),
         activity: RequestActivity,
+        budget: &BufferBudget,
     ) -> Self {
         Self {
             aborted: Box::pin(abort.token().clone().cancelled_owned()),
@@ -87,6 +91,7 @@ impl RequestMessages {
             done: false,
             counters,
             activity,
+            held: budget.reserve_nothing(),
         }
     }
 
@@ -173,6 +178,11 @@ impl Stream for RequestMessages {
                             }
                             this.decoder.push(out.freeze());
                         }
+                    }
+                    if !this.held.set(this.decoder.buffered_len()) {
+                        this.held.refused("request");
+                        let status = budget_status(this.held.budget_limit());
+                        return this.fail(status);
                     }
                 }
                 Some(Err(e)) => {
