@@ -64,6 +64,9 @@ struct ServeArgs {
     /// Calls in flight before new ones are shed with RESOURCE_EXHAUSTED.
     #[arg(long)]
     max_concurrent_streams: Option<usize>,
+    /// Client connections open at once; over it new connections wait briefly, then are closed.
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// Longest silence between messages of a flowing stream (default profile), e.g. 30s, or `off`.
     #[arg(long, value_parser = optional_duration)]
     stream_idle_timeout: Option<OptionalDuration>,
@@ -137,6 +140,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(limit) = args.max_concurrent_streams {
         anyhow::ensure!(limit > 0, "--max-concurrent-streams must be at least 1");
         config.resilience.max_concurrent_streams = limit;
+    }
+    if let Some(limit) = args.max_connections {
+        anyhow::ensure!(limit > 0, "--max-connections must be at least 1");
+        config.listener.max_connections = limit;
     }
     if let Some(OptionalDuration(idle)) = args.stream_idle_timeout {
         let profile = config.jobs.default_profile_mut();
