@@ -681,3 +681,60 @@ async fn a_message_over_the_buffer_budget_is_refused_clearly() {
     );
     assert_eq!(sample(&text, "pnp_buffered_bytes"), Some(0.0), "{text}");
 }
+
+/// An HTTP/2 client connection without calls is closed after the idle timeout (GOAWAY), after
+/// serving its calls normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed() {
+    let stack = Stack::start_with(|c| {
+        c.listener.idle_timeout = Some(Duration::from_millis(300));
+    })
+    .await;
+    let addr = stack.proxy_addr();
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    let connection = tokio::spawn(connection);
+    empty_call_over(&client, addr).await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    assert!(
+        matches!(ended, Ok(Ok(Ok(())))),
+        "the idle connection was not closed cleanly: {ended:?}"
+    );
+}
+
+/// A peer that never answers pnp's keepalive PING (idle timeout off, so only the PING can
+/// close it) is disconnected after the keepalive timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_peer_that_ignores_pings_is_disconnected() {
+    let stack = Stack::start_with(|c| {
+        c.listener.idle_timeout = None;
+        c.listener.keepalive_interval = Some(Duration::from_millis(200));
+        c.listener.keepalive_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let mut tcp = TcpStream::connect(stack.proxy_addr())
+        .await
+        .expect("connect");
+    // The preface and an empty SETTINGS frame; then nothing, not even SETTINGS ACK or PING ACK.
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .expect("preface");
+    let started = Instant::now();
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut sink)).await;
+    assert!(
+        read.is_ok(),
+        "the silent peer was still connected after 5 s"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "closed after {:?}, before a PING could go unanswered",
+        started.elapsed()
+    );
+    // What pnp sent includes a PING frame (type 6) before it gave up.
+    assert!(
+        sink.windows(4).any(|w| w[0] == 0 && w[1] == 8 && w[2] == 6),
+        "no PING seen in {} bytes",
+        sink.len()
+    );
+}

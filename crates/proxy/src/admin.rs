@@ -1,21 +1,34 @@
 //! The admin listener: `/healthz` (the process is up), `/readyz` (it takes new calls) and
 //! `/metrics` (Prometheus, OpenMetrics text).
+//!
+//! It has budgets of its own, so a stuck scraper or a scan cannot pile up connections: at most
+//! [`MAX_CONNECTIONS`] at once (more are closed at once), request heads within
+//! [`HEADER_READ_TIMEOUT`], and no connection lives longer than [`CONNECTION_LIFETIME`].
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use pnp_telemetry::Metrics;
 
 use crate::Health;
 
+/// Admin connections open at once.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a client has to send a request head (also the keep-alive idle limit).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest an admin connection may stay open.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+
 pub(crate) async fn serve(tcp: TcpListener, health: Arc<Health>, metrics: Metrics) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = match tcp.accept().await {
             Ok(accepted) => accepted,
@@ -25,19 +38,31 @@ pub(crate) async fn serve(tcp: TcpListener, health: Arc<Health>, metrics: Metric
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("admin connection limit reached; closing");
+            continue;
+        };
         let health = health.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let response = answer(&request, &health, &metrics);
                 async move { Ok::<_, Infallible>(response) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "admin connection ended with an error");
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let served = tokio::time::timeout(
+                CONNECTION_LIFETIME,
+                builder.serve_connection(TokioIo::new(stream), service),
+            );
+            match served.await {
+                Ok(Err(e)) => tracing::debug!(error = %e, "admin connection ended with an error"),
+                Err(_) => tracing::debug!("admin connection closed at the end of its lifetime"),
+                Ok(Ok(())) => {}
             }
         });
     }
