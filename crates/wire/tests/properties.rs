@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use pnp_wire::frame::{Frame, FrameBuf, FrameDecoder, FrameKind};
+use pnp_wire::frame::{Frame, FrameBuf, FrameDecoder, FrameKind, Part};
 use pnp_wire::text::{encode_padded, Base64Decoder, Base64Encoder};
 use pnp_wire::{fuzzing, status, timeout, trailers};
 use proptest::prelude::*;
@@ -54,7 +54,118 @@ fn drain(mut buf: FrameBuf, step: usize) -> Vec<u8> {
     out
 }
 
+/// Reassemble what `next_part` yields into whole frames, checking the fragment rules on the way:
+/// a head is followed by fragments adding up to its length exactly, the last one marked, and
+/// nothing longer than `threshold` arrives whole.
+fn reassemble(parts: Vec<Part>, threshold: usize) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let mut open: Option<(bool, usize, BytesMut)> = None;
+    for part in parts {
+        match part {
+            Part::Frame(frame) => {
+                assert!(open.is_none(), "a whole frame inside a fragmented message");
+                if let Frame::Message { data, .. } = &frame {
+                    assert!(data.len() <= threshold, "a large message came whole");
+                }
+                frames.push(frame);
+            }
+            Part::Head { compressed, len } => {
+                assert!(open.is_none(), "a head inside a fragmented message");
+                assert!(
+                    len as usize > threshold,
+                    "a small message came in fragments"
+                );
+                open = Some((compressed, len as usize, BytesMut::new()));
+            }
+            Part::Fragment { data, last } => {
+                let (compressed, len, mut buf) = open.take().expect("a fragment after a head");
+                assert!(!data.is_empty(), "an empty fragment");
+                buf.extend_from_slice(&data);
+                assert!(buf.len() <= len, "fragments past the declared length");
+                assert_eq!(
+                    last,
+                    buf.len() == len,
+                    "`last` marks exactly the completing fragment"
+                );
+                if last {
+                    frames.push(Frame::Message {
+                        compressed,
+                        data: buf.freeze(),
+                    });
+                } else {
+                    open = Some((compressed, len, buf));
+                }
+            }
+        }
+    }
+    assert!(open.is_none(), "the stream ended inside a message");
+    frames
+}
+
 proptest! {
+    #[test]
+    fn any_split_decodes_to_the_same_messages_whole_or_in_fragments(
+        (specs, has_trailers) in frames(),
+        cuts in proptest::collection::vec(any::<usize>(), 0..20),
+        threshold in 0usize..320,
+        text in any::<bool>(),
+        text_cuts in proptest::collection::vec(any::<usize>(), 0..10),
+    ) {
+        let mut wire = Vec::new();
+        for spec in &specs {
+            let buf = match spec {
+                Spec::Message(c, d) => FrameBuf::message(*c, Bytes::from(d.clone())),
+                Spec::Trailers(b) => FrameBuf::trailers(Bytes::from(b.clone())),
+            };
+            wire.extend_from_slice(&buf.to_bytes());
+        }
+        // In text mode the bytes travel as base64, padded at arbitrary flush points, and are
+        // decoded incrementally from arbitrary chunks before framing.
+        let chunks: Vec<Bytes> = if text {
+            let mut encoded = Vec::new();
+            for piece in cut(&wire, &text_cuts) {
+                encoded.extend_from_slice(&encode_padded(piece));
+            }
+            let mut decoder = Base64Decoder::new();
+            let mut out = Vec::new();
+            for chunk in cut(&encoded, &cuts) {
+                let mut decoded = BytesMut::new();
+                decoder.decode(chunk, &mut decoded).expect("valid base64");
+                out.push(decoded.freeze());
+            }
+            decoder.finish().expect("complete base64");
+            out
+        } else {
+            cut(&wire, &cuts).into_iter().map(Bytes::copy_from_slice).collect()
+        };
+        let kind = if has_trailers { FrameKind::GrpcWebResponse } else { FrameKind::Grpc };
+        let mut whole = FrameDecoder::new(kind, 300);
+        let mut fragmenting = FrameDecoder::new(kind, 300).with_fragments(threshold);
+        let mut frames = Vec::new();
+        let mut parts = Vec::new();
+        for chunk in chunks {
+            whole.push(chunk.clone());
+            fragmenting.push(chunk);
+            while let Some(frame) = whole.next_frame().expect("valid stream") {
+                frames.push(frame);
+            }
+            while let Some(part) = fragmenting.next_part().expect("valid stream") {
+                parts.push(part);
+            }
+            // Fragments are passed on as they arrive: what is held back is at most one
+            // header or one small frame, not a large message.
+            prop_assert!(fragmenting.buffered_len() <= threshold.max(300) + 5);
+        }
+        prop_assert_eq!(whole.finish(), Ok(()));
+        prop_assert_eq!(fragmenting.finish(), Ok(()));
+        prop_assert_eq!(reassemble(parts, threshold), frames.clone());
+        let expected: Vec<Frame> = specs.iter().map(|spec| match spec {
+            Spec::Message(c, d) => Frame::Message { compressed: *c, data: Bytes::from(d.clone()) },
+            Spec::Trailers(b) => Frame::Trailers { compressed: false, block: Bytes::from(b.clone()) },
+        }).collect();
+        prop_assert_eq!(frames, expected);
+    }
+
     #[test]
     fn frames_round_trip_under_any_chunking(
         (specs, has_trailers) in frames(),

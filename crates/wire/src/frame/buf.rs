@@ -63,6 +63,18 @@ impl FrameBuf {
         Self::with_header(FLAG_TRAILERS, block)
     }
 
+    /// Only the header of a message frame of `len` payload bytes, for a message whose payload
+    /// follows in fragments (each sent with [`raw`](Self::raw)).
+    pub fn head(compressed: bool, len: u32) -> Self {
+        let flags = if compressed { FLAG_COMPRESSED } else { 0 };
+        let [a, b, c, d] = len.to_be_bytes();
+        Self {
+            header: [flags, a, b, c, d],
+            header_pos: 0,
+            payload: Bytes::new(),
+        }
+    }
+
     /// Bytes with no frame header.
     pub fn raw(bytes: Bytes) -> Self {
         Self {

@@ -6,6 +6,30 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use super::{Frame, FrameError, FrameKind, FLAG_COMPRESSED, FLAG_TRAILERS, HEADER_LEN};
 
+/// One piece of a frame stream as [`FrameDecoder::next_part`] yields it: a frame in one piece,
+/// or a large message as a head and fragments, so it can be forwarded before it is complete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// A whole frame: a message no longer than the fragment threshold, or a trailer frame.
+    Frame(Frame),
+    /// The start of a message longer than the threshold: its flag and its declared length,
+    /// already checked against the limit.
+    Head {
+        /// The compressed flag was set.
+        compressed: bool,
+        /// The payload length the header declared.
+        len: u32,
+    },
+    /// The next bytes of the message begun by the last [`Part::Head`]; never empty. The
+    /// fragments of a message add up to its declared length exactly.
+    Fragment {
+        /// The bytes, a slice of a pushed chunk (never copied).
+        data: Bytes,
+        /// This fragment completes the message.
+        last: bool,
+    },
+}
+
 /// Incremental frame decoder.
 ///
 /// [`push`](Self::push) chunks as they arrive, split anywhere, and pull frames with
@@ -23,6 +47,12 @@ use super::{Frame, FrameError, FrameKind, FLAG_COMPRESSED, FLAG_TRAILERS, HEADER
 pub struct FrameDecoder {
     kind: FrameKind,
     max_message_len: usize,
+    /// Messages longer than this come out of `next_part` as a head and fragments.
+    fragment_threshold: usize,
+    /// Payload bytes of the fragmented message still to come; 0 outside one.
+    in_message: usize,
+    /// Its declared length, for the error when the stream ends inside it.
+    message_len: usize,
     chunks: VecDeque<Bytes>,
     buffered: usize,
     saw_trailers: bool,
@@ -35,11 +65,40 @@ impl FrameDecoder {
         Self {
             kind,
             max_message_len,
+            fragment_threshold: usize::MAX,
+            in_message: 0,
+            message_len: 0,
             chunks: VecDeque::new(),
             buffered: 0,
             saw_trailers: false,
             error: None,
         }
+    }
+
+    /// Let [`next_part`](Self::next_part) pass messages longer than `threshold` bytes on in
+    /// fragments as their bytes arrive, instead of buffering them whole: memory is then bounded
+    /// by the threshold and the chunks pushed, not by the message size.
+    pub fn with_fragments(mut self, threshold: usize) -> Self {
+        self.fragment_threshold = threshold;
+        self
+    }
+
+    /// The next part: a whole frame, the head of a large message, or its next fragment;
+    /// `Ok(None)` if more bytes are needed. Do not mix with [`next_frame`](Self::next_frame).
+    pub fn next_part(&mut self) -> Result<Option<Part>, FrameError> {
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        let result = self.decode_part();
+        if let Err(e) = &result {
+            self.error = Some(e.clone());
+        }
+        result
+    }
+
+    /// Whether a fragmented message has begun and not yet ended.
+    pub fn in_message(&self) -> bool {
+        self.in_message > 0
     }
 
     /// Append received bytes. Never fails; problems surface from [`next_frame`](Self::next_frame).
@@ -74,7 +133,11 @@ impl FrameDecoder {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
-        if self.buffered == 0 {
+        if self.in_message > 0 {
+            Err(FrameError::Truncated {
+                buffered: self.message_len - self.in_message + self.buffered,
+            })
+        } else if self.buffered == 0 {
             Ok(())
         } else if self.saw_trailers {
             Err(FrameError::FrameAfterTrailers)
@@ -95,7 +158,9 @@ impl FrameDecoder {
         self.saw_trailers
     }
 
-    fn decode_one(&mut self) -> Result<Option<Frame>, FrameError> {
+    /// The next frame's header, validated: its flags, whether it is a trailer frame, and its
+    /// payload length (within the limit); `None` until the header is complete.
+    fn header(&self) -> Result<Option<(u8, bool, usize)>, FrameError> {
         let Some(&flags) = self.chunks.front().and_then(|c| c.first()) else {
             return Ok(None);
         };
@@ -117,14 +182,18 @@ impl FrameDecoder {
         };
         let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
         // Check the declared length before buffering or allocating anything for the payload.
-        let payload_len = match usize::try_from(len) {
-            Ok(n) if n <= self.max_message_len => n,
-            _ => {
-                return Err(FrameError::TooLarge {
-                    len,
-                    max: self.max_message_len,
-                })
-            }
+        match usize::try_from(len) {
+            Ok(n) if n <= self.max_message_len => Ok(Some((flags, trailers, n))),
+            _ => Err(FrameError::TooLarge {
+                len,
+                max: self.max_message_len,
+            }),
+        }
+    }
+
+    fn decode_one(&mut self) -> Result<Option<Frame>, FrameError> {
+        let Some((flags, trailers, payload_len)) = self.header()? else {
+            return Ok(None);
         };
         if self.buffered - HEADER_LEN < payload_len {
             return Ok(None);
@@ -141,6 +210,40 @@ impl FrameDecoder {
         } else {
             Ok(Some(Frame::Message { compressed, data }))
         }
+    }
+
+    fn decode_part(&mut self) -> Result<Option<Part>, FrameError> {
+        if self.in_message > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                return Ok(None);
+            };
+            let n = front.len().min(self.in_message);
+            let data = if n == front.len() {
+                self.chunks.pop_front().unwrap_or_default()
+            } else {
+                front.split_to(n)
+            };
+            self.buffered -= n;
+            self.in_message -= n;
+            return Ok(Some(Part::Fragment {
+                data,
+                last: self.in_message == 0,
+            }));
+        }
+        let Some((flags, trailers, payload_len)) = self.header()? else {
+            return Ok(None);
+        };
+        if trailers || payload_len <= self.fragment_threshold {
+            return Ok(self.decode_one()?.map(Part::Frame));
+        }
+        self.discard(HEADER_LEN);
+        self.in_message = payload_len;
+        self.message_len = payload_len;
+        Ok(Some(Part::Head {
+            compressed: flags & FLAG_COMPRESSED != 0,
+            // Within the limit, which came from a u32 on the wire.
+            len: u32::try_from(payload_len).unwrap_or(u32::MAX),
+        }))
     }
 
     fn peek_header(&self) -> Option<[u8; HEADER_LEN]> {
@@ -229,6 +332,57 @@ mod tests {
             compressed,
             data: Bytes::from_static(data),
         }
+    }
+
+    #[test]
+    fn large_messages_come_as_a_head_and_zero_copy_fragments() {
+        let mut d = FrameDecoder::new(FrameKind::Grpc, 1 << 20).with_fragments(4);
+        let mut bytes = frame(0, b"abc");
+        bytes.extend(frame(1, b"0123456789"));
+        bytes.extend(frame(0, b"xyz"));
+        let all = Bytes::from(bytes);
+        // The big message arrives in two chunks, split inside its payload.
+        d.push(all.slice(..15));
+        assert_eq!(d.next_part(), Ok(Some(Part::Frame(msg(false, b"abc")))));
+        assert_eq!(
+            d.next_part(),
+            Ok(Some(Part::Head {
+                compressed: true,
+                len: 10
+            }))
+        );
+        let Ok(Some(Part::Fragment { data, last: false })) = d.next_part() else {
+            panic!("a first fragment")
+        };
+        assert_eq!(&data[..], b"01");
+        assert_eq!(data.as_ptr(), all[13..].as_ptr(), "fragments are slices");
+        assert_eq!(d.next_part(), Ok(None));
+        assert!(d.in_message());
+        assert!(matches!(
+            d.finish(),
+            Err(FrameError::Truncated { buffered: 2 })
+        ));
+        d.push(all.slice(15..));
+        assert_eq!(
+            d.next_part(),
+            Ok(Some(Part::Fragment {
+                data: Bytes::from_static(b"23456789"),
+                last: true
+            }))
+        );
+        assert_eq!(d.next_part(), Ok(Some(Part::Frame(msg(false, b"xyz")))));
+        assert_eq!(d.next_part(), Ok(None));
+        assert_eq!(d.finish(), Ok(()));
+    }
+
+    #[test]
+    fn a_large_header_over_the_limit_fails_before_any_fragment() {
+        let mut d = FrameDecoder::new(FrameKind::Grpc, 8).with_fragments(4);
+        d.push(Bytes::from(frame(0, b"0123456789")));
+        assert!(matches!(
+            d.next_part(),
+            Err(FrameError::TooLarge { len: 10, max: 8 })
+        ));
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod buf;
 mod decoder;
 
 pub use buf::{FrameBuf, PayloadTooLarge};
-pub use decoder::FrameDecoder;
+pub use decoder::{FrameDecoder, Part};
 
 use bytes::Bytes;
 
