@@ -15,6 +15,7 @@ mod model;
 
 pub use guard::{GuardEvent, ReplyGuard};
 pub use model::{
-    BoxMessageStream, BoxReplyStream, Call, CallHead, Message, Reply, ReplyItem, ResponseHead,
+    BoxMessageStream, BoxReplyStream, Call, CallHead, Message, Part, Reply, ReplyItem,
+    ResponseHead, FRAGMENT_THRESHOLD,
 };
 pub use pnp_wire::status::{Code, Status};

@@ -29,6 +29,48 @@ impl Message {
     }
 }
 
+/// Messages longer than this travel through pnp as a [`Part::Head`] and [`Part::Fragment`]s, so
+/// memory is bounded by flow-control windows, never by message size; shorter ones stay whole.
+pub const FRAGMENT_THRESHOLD: usize = 64 * 1024;
+
+/// One piece of a message stream: a whole message, or a large message as a head and fragments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// A whole message.
+    Message(Message),
+    /// The start of a large message: its compressed flag and length (within the call's limit).
+    Head {
+        /// Whether the payload is compressed.
+        compressed: bool,
+        /// The payload's length in bytes.
+        len: u32,
+    },
+    /// The next bytes of the message begun by the last head; never empty. The fragments of a
+    /// message add up to its length exactly; `last` marks the one that completes it.
+    Fragment {
+        /// The bytes.
+        data: Bytes,
+        /// This fragment completes the message.
+        last: bool,
+    },
+}
+
+impl Part {
+    /// Payload bytes this part carries.
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Part::Message(message) => message.data.len(),
+            Part::Head { .. } => 0,
+            Part::Fragment { data, .. } => data.len(),
+        }
+    }
+
+    /// Whether this part begins a message (a whole one or a head).
+    pub fn starts_message(&self) -> bool {
+        !matches!(self, Part::Fragment { .. })
+    }
+}
+
 /// What identifies a call and travels ahead of its messages.
 #[derive(Clone, Debug)]
 pub struct CallHead {
@@ -40,6 +82,8 @@ pub struct CallHead {
     pub metadata: HeaderMap,
     /// Time left for the call when it reached this hop, from `grpc-timeout`.
     pub timeout: Option<Duration>,
+    /// Largest message accepted in either direction (the call's profile, or the global limit).
+    pub max_message_size: usize,
 }
 
 impl CallHead {
@@ -56,9 +100,9 @@ impl CallHead {
     }
 }
 
-/// A boxed stream of request messages. An `Err` ends the call: the ingress saw bad input or the
-/// client went away, and the status says which.
-pub type BoxMessageStream = Pin<Box<dyn Stream<Item = Result<Message, Status>> + Send>>;
+/// A boxed stream of request messages, whole or in parts. An `Err` ends the call: the ingress saw
+/// bad input or the client went away, and the status says which.
+pub type BoxMessageStream = Pin<Box<dyn Stream<Item = Result<Part, Status>> + Send>>;
 
 /// A call on its way to an egress transport.
 pub struct Call {
@@ -74,11 +118,35 @@ impl std::fmt::Debug for Call {
     }
 }
 
+impl From<Part> for ReplyItem {
+    fn from(part: Part) -> Self {
+        match part {
+            Part::Message(message) => ReplyItem::Message(message),
+            Part::Head { compressed, len } => ReplyItem::Head { compressed, len },
+            Part::Fragment { data, last } => ReplyItem::Fragment { data, last },
+        }
+    }
+}
+
 /// One item of a reply stream.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ReplyItem {
     /// A response message.
     Message(Message),
+    /// The start of a large response message (see [`Part::Head`]).
+    Head {
+        /// Whether the payload is compressed.
+        compressed: bool,
+        /// The payload's length in bytes.
+        len: u32,
+    },
+    /// The next bytes of a large response message (see [`Part::Fragment`]).
+    Fragment {
+        /// The bytes; never empty.
+        data: Bytes,
+        /// This fragment completes the message.
+        last: bool,
+    },
     /// The final status; nothing follows it.
     Status(Status),
 }
@@ -136,6 +204,7 @@ mod tests {
             subtype: None,
             metadata: HeaderMap::new(),
             timeout: None,
+            max_message_size: 4 << 20,
         };
         assert_eq!(head.service(), Some("grpc.testing.TestService"));
         assert_eq!(head.method(), Some("UnaryCall"));
@@ -148,6 +217,7 @@ mod tests {
             subtype: None,
             metadata: HeaderMap::new(),
             timeout: None,
+            max_message_size: 4 << 20,
         };
         assert_eq!(head.service(), None);
         assert_eq!(head.method(), None);

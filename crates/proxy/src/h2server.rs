@@ -284,6 +284,8 @@ enum Event {
     Frame(Option<http_body::Frame<FrameBuf>>),
     /// Window for the frame in hand.
     Capacity,
+    /// The call ended inside a message: the stream must be cut, not ended.
+    Cut,
 }
 
 /// Write a reply body to an HTTP/2 stream: one frame at a time, the next one polled only when
@@ -322,7 +324,7 @@ async fn pipe(
             match Pin::new(&mut body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => Poll::Ready(Event::Frame(Some(frame))),
                 Poll::Ready(None) => Poll::Ready(Event::Frame(None)),
-                Poll::Ready(Some(Err(never))) => match never {},
+                Poll::Ready(Some(Err(_cut))) => Poll::Ready(Event::Cut),
                 Poll::Pending => Poll::Pending,
             }
         })
@@ -334,6 +336,10 @@ async fn pipe(
                 return;
             }
             Event::Gone => return,
+            Event::Cut => {
+                send.send_reset(h2::Reason::INTERNAL_ERROR);
+                return;
+            }
             Event::Capacity => {
                 if let Some(data) = in_hand.take() {
                     let end = body.is_end_stream();

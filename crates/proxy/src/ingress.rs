@@ -279,6 +279,7 @@ impl Inner {
             subtype: accepted.subtype,
             metadata,
             timeout: None,
+            max_message_size: self.max_message_size,
         };
         let policy = self
             .profiles

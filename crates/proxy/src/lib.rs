@@ -110,7 +110,6 @@ impl Proxy {
             upstream,
             extra_roots_pem,
             connect_timeout: config.upstream.connect_timeout,
-            max_message_size: config.limits.max_message_size,
             keepalive_interval: config.resilience.keepalive_interval,
             keepalive_timeout: config.resilience.keepalive_timeout,
             connections: config.upstream.connections,

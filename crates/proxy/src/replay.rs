@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use futures_core::Stream;
-use pnp_call::{BoxMessageStream, Code, Message, Status};
+use pnp_call::{BoxMessageStream, Code, Part, Status};
 
 use crate::budget::{BufferBudget, Reservation};
 
@@ -35,7 +35,7 @@ pub(crate) struct Replay {
 
 struct Shared {
     source: BoxMessageStream,
-    recorded: Vec<Message>,
+    recorded: Vec<Part>,
     recorded_bytes: usize,
     limit: usize,
     /// The recorded bytes' share of the global budget; `None` once recording stopped.
@@ -97,12 +97,12 @@ impl Shared {
         self.reservation = None;
     }
 
-    /// Keep `message` for a replay if the per-call limit and the global budget allow.
-    fn record(&mut self, message: &Message) {
+    /// Keep `part` for a replay if the per-call limit and the global budget allow.
+    fn record(&mut self, part: &Part) {
         if self.overflowed {
             return;
         }
-        let len = message.data.len();
+        let len = part.payload_len();
         let total = self.recorded_bytes.saturating_add(len);
         if total > self.limit {
             self.stop_recording();
@@ -120,7 +120,7 @@ impl Shared {
             return;
         }
         self.recorded_bytes = total;
-        self.recorded.push(message.clone());
+        self.recorded.push(part.clone());
     }
 }
 
@@ -131,7 +131,7 @@ struct Reader {
 }
 
 impl Stream for Reader {
-    type Item = Result<Message, Status>;
+    type Item = Result<Part, Status>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
@@ -195,7 +195,11 @@ mod tests {
     use super::*;
     use futures_util::StreamExt;
 
-    fn source(items: Vec<Result<Message, Status>>) -> BoxMessageStream {
+    fn m(data: &'static str) -> Part {
+        Part::Message(pnp_call::Message::new(data))
+    }
+
+    fn source(items: Vec<Result<Part, Status>>) -> BoxMessageStream {
         Box::pin(futures_util::stream::iter(items))
     }
 
@@ -205,19 +209,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_second_reader_replays_what_the_first_read() {
-        let replay = Replay::new(
-            source(vec![Ok(Message::new("a")), Ok(Message::new("bc"))]),
-            1024,
-            budget(1 << 20),
-        );
+        let replay = Replay::new(source(vec![Ok(m("a")), Ok(m("bc"))]), 1024, budget(1 << 20));
         let mut first = replay.reader();
-        assert_eq!(
-            first.next().await.map(|m| m.ok()),
-            Some(Some(Message::new("a")))
-        );
+        assert_eq!(first.next().await.map(|m| m.ok()), Some(Some(m("a"))));
         // The first attempt fails after one message; the second sees both.
         let second: Vec<_> = replay.reader().collect().await;
-        assert_eq!(second, vec![Ok(Message::new("a")), Ok(Message::new("bc"))]);
+        assert_eq!(second, vec![Ok(m("a")), Ok(m("bc"))]);
         let third: Vec<_> = replay.reader().collect().await;
         assert_eq!(third.len(), 2);
         assert!(!replay.overflowed());
@@ -225,11 +222,7 @@ mod tests {
 
     #[tokio::test]
     async fn overflow_stops_recording_and_refuses_replay() {
-        let replay = Replay::new(
-            source(vec![Ok(Message::new("abc")), Ok(Message::new("def"))]),
-            4,
-            budget(1 << 20),
-        );
+        let replay = Replay::new(source(vec![Ok(m("abc")), Ok(m("def"))]), 4, budget(1 << 20));
         let all: Vec<_> = replay.reader().collect().await;
         assert_eq!(all.len(), 2, "the live attempt still gets everything");
         assert!(replay.overflowed());
@@ -240,10 +233,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_error_is_replayed_too() {
         let replay = Replay::new(
-            source(vec![
-                Ok(Message::new("a")),
-                Err(Status::new(Code::Cancelled, "gone")),
-            ]),
+            source(vec![Ok(m("a")), Err(Status::new(Code::Cancelled, "gone"))]),
             1024,
             budget(1 << 20),
         );
@@ -258,15 +248,11 @@ mod tests {
         let metrics = pnp_telemetry::Metrics::new();
         let shared = BufferBudget::new(5, &metrics);
         let other = shared.try_reserve(2).expect("fits");
-        let replay = Replay::new(
-            source(vec![Ok(Message::new("ab")), Ok(Message::new("cd"))]),
-            1024,
-            shared.clone(),
-        );
+        let replay = Replay::new(source(vec![Ok(m("ab")), Ok(m("cd"))]), 1024, shared.clone());
         let all: Vec<_> = replay.reader().collect().await;
         assert_eq!(
             all,
-            vec![Ok(Message::new("ab")), Ok(Message::new("cd"))],
+            vec![Ok(m("ab")), Ok(m("cd"))],
             "the live attempt still gets everything"
         );
         assert!(replay.overflowed(), "2 + 2 + 2 bytes do not fit in 5");
@@ -284,7 +270,7 @@ mod tests {
     async fn recorded_bytes_are_held_until_release_or_drop() {
         let shared = budget(1024);
         let replay = Replay::new(
-            source(vec![Ok(Message::new("abc")), Ok(Message::new("de"))]),
+            source(vec![Ok(m("abc")), Ok(m("de"))]),
             1024,
             shared.clone(),
         );
@@ -294,13 +280,10 @@ mod tests {
         // The call committed: the record goes, the live attempt reads on.
         replay.release();
         assert_eq!(shared.used(), 0);
-        assert_eq!(
-            live.next().await.map(|m| m.ok()),
-            Some(Some(Message::new("de")))
-        );
+        assert_eq!(live.next().await.map(|m| m.ok()), Some(Some(m("de"))));
         assert_eq!(shared.used(), 0, "nothing is recorded after the release");
 
-        let replay = Replay::new(source(vec![Ok(Message::new("xyz"))]), 1024, shared.clone());
+        let replay = Replay::new(source(vec![Ok(m("xyz"))]), 1024, shared.clone());
         let _: Vec<_> = replay.reader().collect().await;
         assert_eq!(shared.used(), 3);
         drop(replay);

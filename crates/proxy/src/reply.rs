@@ -16,7 +16,6 @@
 //! connection drops this body, which resets the upstream the same way.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -32,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use pnp_call::{Code, Message};
+use pnp_call::Code;
 use pnp_policy::deadline::{Deadline, DeadlineSource};
 use pnp_policy::idle::{ClockKind, Direction, Expired, StreamClocks};
 use pnp_telemetry::{CallRecorder, Metrics};
@@ -73,9 +72,10 @@ impl Encoding {
         }
     }
 
-    /// A message frame in this encoding.
-    fn message(self, compressed: bool, data: bytes::Bytes) -> FrameBuf {
-        let frame = FrameBuf::message(compressed, data);
+    /// A message, a large message's head, or one of its fragments, in this encoding. In text
+    /// mode each piece is base64 on its own, padded (gRPC-Web text decoders take padding at any
+    /// quantum).
+    fn part(self, frame: FrameBuf) -> FrameBuf {
         match self {
             Encoding::WebText => FrameBuf::raw(text::encode_padded(&frame.to_bytes())),
             Encoding::Grpc | Encoding::WebBinary => frame,
@@ -291,9 +291,10 @@ struct Streaming {
     buffer: Option<BytesMut>,
     /// The bytes of `buffer`, under the global buffer budget.
     held: Reservation,
-    /// Frames waiting their turn, in order: a status that came in a coalesced burst, a buffered
-    /// reply and its status, a status the watchdog decided while the body was not polled.
-    queue: VecDeque<Frame<FrameBuf>>,
+    /// Frames waiting their turn, in order: a status that came in a coalesced burst, a large
+    /// fragment that ended a burst, a buffered reply and its status, a status the watchdog
+    /// decided while the body was not polled; or the cut of a reply that ended inside a message.
+    queue: VecDeque<Result<Frame<FrameBuf>, CutShort>>,
     observer: Observer,
     /// The body's task, woken when the watchdog ends the call.
     waker: Option<Waker>,
@@ -423,20 +424,42 @@ impl Streaming {
 
     /// Queue the frame that carries the final status, behind the buffered reply if there is
     /// one, and record the call's end.
+    /// A reply that ended inside a large message cannot carry its status in the body (the
+    /// client is inside a frame): the stream is cut instead (HTTP/2 RST_STREAM, HTTP/1.1 closed
+    /// without its last chunk), which every client reports as an error.
     fn queue_final(&mut self, status: &Status) {
         self.observer.finish(status);
+        if self.guard.cut_inside_message() {
+            self.buffer = None;
+            self.queue.push_back(Err(CutShort));
+            return;
+        }
         if let Some(buffer) = self.buffer.take().filter(|b| !b.is_empty()) {
             self.queue
-                .push_back(Frame::data(FrameBuf::raw(buffer.freeze())));
+                .push_back(Ok(Frame::data(FrameBuf::raw(buffer.freeze()))));
         }
-        self.queue.push_back(self.encoding.status(status));
+        self.queue.push_back(Ok(self.encoding.status(status)));
     }
 
-    /// A response message leaves: count it, reset the clocks, encode it.
-    fn deliver(&mut self, message: Message) -> FrameBuf {
-        self.observer.message(message.data.len());
+    /// A message, head or fragment leaves: count it, reset the clocks, encode it.
+    fn deliver(&mut self, item: ReplyItem) -> FrameBuf {
         self.clocks.on_response_message();
-        self.encoding.message(message.compressed, message.data)
+        let frame = match item {
+            ReplyItem::Message(message) => {
+                self.observer.message(message.data.len());
+                FrameBuf::message(message.compressed, message.data)
+            }
+            ReplyItem::Head { compressed, len } => {
+                self.observer.message(0);
+                FrameBuf::head(compressed, len)
+            }
+            ReplyItem::Fragment { data, .. } => {
+                self.observer.recorder.response_bytes(data.len());
+                FrameBuf::raw(data)
+            }
+            ReplyItem::Status(_) => FrameBuf::raw(bytes::Bytes::new()),
+        };
+        self.encoding.part(frame)
     }
 
     /// Append the small messages that are already waiting to `first`, so a burst goes out as
@@ -459,19 +482,24 @@ impl Streaming {
                 break;
             };
             match self.guard.on_item(item) {
-                GuardEvent::Deliver(ReplyItem::Message(message)) => {
-                    let next = self.deliver(message);
+                GuardEvent::Deliver(ReplyItem::Status(status)) => {
+                    self.items = None;
+                    self.queue_final(&status);
+                    break;
+                }
+                GuardEvent::Deliver(item) => {
+                    let next = self.deliver(item);
+                    if next.remaining() >= COALESCE_LIMIT {
+                        // A large fragment goes out as it is, after the batch, never copied.
+                        self.queue.push_back(Ok(Frame::data(next)));
+                        break;
+                    }
                     let batch = batch.get_or_insert_with(|| {
                         let mut b = BytesMut::with_capacity(COALESCE_LIMIT + next.remaining());
                         b.extend_from_slice(&first.to_bytes());
                         b
                     });
                     batch.extend_from_slice(&next.to_bytes());
-                }
-                GuardEvent::Deliver(ReplyItem::Status(status)) => {
-                    self.items = None;
-                    self.queue_final(&status);
-                    break;
                 }
                 GuardEvent::Done => break,
             }
@@ -482,7 +510,10 @@ impl Streaming {
         }
     }
 
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Frame<FrameBuf>>> {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<FrameBuf>, CutShort>>> {
         if let Some(frame) = self.queue.pop_front() {
             return Poll::Ready(Some(frame));
         }
@@ -504,10 +535,29 @@ impl Streaming {
             Poll::Ready(item) => item,
         };
         match self.guard.on_item(item) {
-            GuardEvent::Deliver(ReplyItem::Message(message)) => {
-                let frame = self.deliver(message);
+            GuardEvent::Deliver(ReplyItem::Status(status)) => {
+                self.items = None;
+                self.queue_final(&status);
+                Poll::Ready(self.queue.pop_front())
+            }
+            GuardEvent::Deliver(item) => {
+                let whole = matches!(item, ReplyItem::Message(_));
+                let frame = self.deliver(item);
+                if !whole {
+                    // A large message is never buffered whole: a degraded call streams again
+                    // from here, after what it had gathered.
+                    if let Some(buffer) = self.buffer.take() {
+                        self.held.set(0);
+                        if !buffer.is_empty() {
+                            self.queue
+                                .push_back(Ok(Frame::data(FrameBuf::raw(buffer.freeze()))));
+                        }
+                        self.queue.push_back(Ok(Frame::data(frame)));
+                        return Poll::Ready(self.queue.pop_front());
+                    }
+                }
                 match self.buffer.as_mut() {
-                    None => Poll::Ready(Some(Frame::data(self.coalesce(frame, cx)))),
+                    None => Poll::Ready(Some(Ok(Frame::data(self.coalesce(frame, cx))))),
                     Some(buffer) => {
                         // Degraded: keep it for the single reply, and look for the next item.
                         if !self.held.try_grow(bytes::Buf::remaining(&frame)) {
@@ -525,11 +575,6 @@ impl Streaming {
                     }
                 }
             }
-            GuardEvent::Deliver(ReplyItem::Status(status)) => {
-                self.items = None;
-                self.queue_final(&status);
-                Poll::Ready(self.queue.pop_front())
-            }
             GuardEvent::Done => Poll::Ready(None),
         }
     }
@@ -540,14 +585,28 @@ impl Streaming {
     }
 }
 
+/// The error a reply body ends with when its call ended inside a large message: the connection
+/// then cuts the client's stream (HTTP/2 `RST_STREAM(INTERNAL_ERROR)`, HTTP/1.1 closed without
+/// the final chunk), the only way to say "not OK" to a client that is inside a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CutShort;
+
+impl std::fmt::Display for CutShort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the call ended inside a message; the stream is cut")
+    }
+}
+
+impl std::error::Error for CutShort {}
+
 impl Body for ReplyBody {
     type Data = FrameBuf;
-    type Error = Infallible;
+    type Error = CutShort;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<FrameBuf>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<FrameBuf>, CutShort>>> {
         let this = self.get_mut();
         match &mut this.state {
             State::Empty | State::Done => Poll::Ready(None),
@@ -572,7 +631,11 @@ impl Body for ReplyBody {
                         this.state = State::Done;
                         Poll::Ready(None)
                     }
-                    Poll::Ready(Some(frame)) => Poll::Ready(Some(Ok(frame))),
+                    Poll::Ready(Some(Err(cut))) => {
+                        this.state = State::Done;
+                        Poll::Ready(Some(Err(cut)))
+                    }
+                    Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
                 }
             }
         }

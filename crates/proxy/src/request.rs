@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use futures_core::Stream;
 use http_body::Body;
-use pnp_call::{Code, Message, Status};
-use pnp_wire::frame::{Frame, FrameDecoder, FrameError, FrameKind};
+use pnp_call::{Code, Message, Part, Status};
+use pnp_wire::frame::{Frame, FrameDecoder, FrameError, FrameKind, Part as WirePart};
 use pnp_wire::text::{Base64Decoder, TextError};
 
 use pnp_telemetry::Counter;
@@ -86,7 +86,8 @@ impl RequestMessages {
             aborted: Box::pin(abort.token().clone().cancelled_owned()),
             body: Some(body),
             text: text.then(Base64Decoder::new),
-            decoder: FrameDecoder::new(FrameKind::Grpc, max_message_size),
+            decoder: FrameDecoder::new(FrameKind::Grpc, max_message_size)
+                .with_fragments(pnp_call::FRAGMENT_THRESHOLD),
             abort,
             done: false,
             counters,
@@ -95,7 +96,7 @@ impl RequestMessages {
         }
     }
 
-    fn fail(&mut self, status: Status) -> Poll<Option<Result<Message, Status>>> {
+    fn fail(&mut self, status: Status) -> Poll<Option<Result<Part, Status>>> {
         self.done = true;
         self.abort.abort(status.clone());
         Poll::Ready(Some(Err(status)))
@@ -131,7 +132,7 @@ fn text_status(e: &TextError) -> Status {
 }
 
 impl Stream for RequestMessages {
-    type Item = Result<Message, Status>;
+    type Item = Result<Part, Status>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
@@ -139,21 +140,38 @@ impl Stream for RequestMessages {
             if this.done {
                 return Poll::Ready(None);
             }
-            match this.decoder.next_frame() {
-                Ok(Some(Frame::Message { compressed, data })) => {
-                    this.counters.0.inc();
-                    this.activity.touch();
-                    this.counters.1.inc_by(data.len() as u64);
-                    return Poll::Ready(Some(Ok(Message { compressed, data })));
+            let part = match this.decoder.next_part() {
+                Ok(Some(WirePart::Frame(Frame::Message { compressed, data }))) => {
+                    Some(Part::Message(Message { compressed, data }))
                 }
-                Ok(Some(Frame::Trailers { .. })) => {
+                Ok(Some(WirePart::Head { compressed, len })) => {
+                    Some(Part::Head { compressed, len })
+                }
+                Ok(Some(WirePart::Fragment { data, last })) => Some(Part::Fragment { data, last }),
+                Ok(Some(WirePart::Frame(Frame::Trailers { .. }))) => {
                     return this.fail(Status::new(
                         Code::Internal,
                         "pnp: malformed request: trailer frame in a request",
                     ))
                 }
-                Ok(None) => {}
+                Ok(None) => None,
                 Err(e) => return this.fail(frame_status(&e)),
+            };
+            // What stays buffered waits for the rest of its message: that is what the buffer
+            // budget holds (bytes passed on at once never count).
+            let held = this.held.set(this.decoder.buffered_len());
+            if let Some(part) = part {
+                this.activity.touch();
+                if part.starts_message() {
+                    this.counters.0.inc();
+                }
+                this.counters.1.inc_by(part.payload_len() as u64);
+                return Poll::Ready(Some(Ok(part)));
+            }
+            if !held {
+                this.held.refused("request");
+                let status = budget_status(this.held.budget_limit());
+                return this.fail(status);
             }
             let Some(body) = this.body.as_mut() else {
                 return Poll::Ready(None);
@@ -178,11 +196,6 @@ impl Stream for RequestMessages {
                             }
                             this.decoder.push(out.freeze());
                         }
-                    }
-                    if !this.held.set(this.decoder.buffered_len()) {
-                        this.held.refused("request");
-                        let status = budget_status(this.held.budget_limit());
-                        return this.fail(status);
                     }
                 }
                 Some(Err(e)) => {

@@ -435,12 +435,13 @@ impl Stream for Watched {
         let this = self.get_mut();
         let item = ready!(this.items.as_mut().poll_next(cx));
         let code = match &item {
-            Some(ReplyItem::Message(_)) => {
+            Some(ReplyItem::Message(_) | ReplyItem::Head { .. }) => {
                 if let Some(ticket) = this.ticket.as_mut() {
                     ticket.first_message();
                 }
                 return Poll::Ready(item);
             }
+            Some(ReplyItem::Fragment { .. }) => return Poll::Ready(item),
             Some(ReplyItem::Status(status)) => status.code,
             // A stream that ends without a status reaches the client as INTERNAL.
             None => Code::Internal,
@@ -578,6 +579,7 @@ mod tests {
             subtype: None,
             metadata: http::HeaderMap::new(),
             timeout: None,
+            max_message_size: 4 << 20,
         };
         let messages: BoxMessageStream = Box::pin(futures_util::stream::empty());
         upstream

@@ -508,6 +508,12 @@ impl CallRecorder {
         method
     }
 
+    /// More payload bytes of a large response message that went out in fragments (its start was
+    /// counted by [`response_message`](Self::response_message)).
+    pub fn response_bytes(&mut self, bytes: usize) {
+        self.bytes_out.inc_by(bytes as u64);
+    }
+
     /// A response message of `bytes` payload bytes was sent to the client. Returns its
     /// sequence number (0 for the first).
     pub fn response_message(&mut self, bytes: usize) -> u64 {

@@ -27,9 +27,11 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use pnp_call::{Call, Code, Message, Reply, ReplyItem, ResponseHead, Status};
+use pnp_call::{
+    Call, Code, Message, Part, Reply, ReplyItem, ResponseHead, Status, FRAGMENT_THRESHOLD,
+};
 use pnp_wire::content_type::{self, Protocol};
-use pnp_wire::frame::{Frame as WireFrame, FrameBuf, FrameDecoder, FrameKind};
+use pnp_wire::frame::{Frame as WireFrame, FrameBuf, FrameDecoder, FrameKind, Part as WirePart};
 
 use crate::{strip_response_headers, Blame, TransportError};
 
@@ -46,8 +48,6 @@ pub struct Http2Options {
     pub extra_roots_pem: Option<Vec<u8>>,
     /// TCP+TLS connect timeout.
     pub connect_timeout: Duration,
-    /// Largest response message accepted.
-    pub max_message_size: usize,
     /// HTTP/2 PING interval. Pings go out only while streams are open (never on an idle
     /// connection), so a gRPC server's keepalive enforcement (gRFC A8: by default no more than
     /// one ping per 5 minutes without data) is never tripped by an idle pool.
@@ -92,7 +92,6 @@ impl Drop for InFlight {
 struct Base {
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
-    max_message_size: usize,
 }
 
 impl std::fmt::Debug for Http2Transport {
@@ -191,7 +190,6 @@ impl Http2Transport {
                     http::uri::Scheme::HTTP
                 },
                 authority,
-                max_message_size: options.max_message_size,
             }),
         })
     }
@@ -239,10 +237,7 @@ impl Http2Transport {
             }
         }
         let frames = call.messages.map(|item| match item {
-            Ok(message) => Ok(Frame::data(FrameBuf::message(
-                message.compressed,
-                message.data,
-            ))),
+            Ok(part) => Ok(Frame::data(part_frame(part))),
             Err(status) => Err(BoxError::from(TransportError {
                 status: Box::new(status),
                 blame: Blame::Client,
@@ -267,12 +262,12 @@ impl tower::Service<Call> for Http2Transport {
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
+        let max = call.head.max_message_size;
         let request = self.request(call);
         let pooled = self.least_busy();
         pooled.in_flight.fetch_add(1, Ordering::AcqRel);
         let in_flight = InFlight(pooled.in_flight.clone());
         let client = pooled.client.clone();
-        let max = self.base.max_message_size;
         Box::pin(async move {
             let response = client
                 .request(request?)
@@ -333,10 +328,20 @@ fn reply_from_response(
         head: ResponseHead { metadata, subtype },
         items: Box::pin(ReplyStream {
             body,
-            decoder: FrameDecoder::new(FrameKind::Grpc, max_message_size),
+            decoder: FrameDecoder::new(FrameKind::Grpc, max_message_size)
+                .with_fragments(FRAGMENT_THRESHOLD),
             done: false,
             _in_flight: in_flight,
         }),
+    }
+}
+
+/// A request part as bytes on the wire: a whole frame, a frame header, or payload bytes.
+pub fn part_frame(part: Part) -> FrameBuf {
+    match part {
+        Part::Message(message) => FrameBuf::message(message.compressed, message.data),
+        Part::Head { compressed, len } => FrameBuf::head(compressed, len),
+        Part::Fragment { data, .. } => FrameBuf::raw(data),
     }
 }
 
@@ -374,11 +379,17 @@ impl Stream for ReplyStream {
             if this.done {
                 return Poll::Ready(None);
             }
-            match this.decoder.next_frame() {
-                Ok(Some(WireFrame::Message { compressed, data })) => {
+            match this.decoder.next_part() {
+                Ok(Some(WirePart::Frame(WireFrame::Message { compressed, data }))) => {
                     return Poll::Ready(Some(ReplyItem::Message(Message { compressed, data })))
                 }
-                Ok(Some(WireFrame::Trailers { .. })) => {
+                Ok(Some(WirePart::Head { compressed, len })) => {
+                    return Poll::Ready(Some(ReplyItem::Head { compressed, len }))
+                }
+                Ok(Some(WirePart::Fragment { data, last })) => {
+                    return Poll::Ready(Some(ReplyItem::Fragment { data, last }))
+                }
+                Ok(Some(WirePart::Frame(WireFrame::Trailers { .. }))) => {
                     // FrameKind::Grpc never yields trailer frames; treat one as a protocol error.
                     return this.finish(Status::new(
                         Code::Internal,
