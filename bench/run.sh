@@ -4,6 +4,7 @@
 #   bench/run.sh                      # the full run (about 30 min), results in bench/results/<time>
 #   OUT=bench/results/latest bench/run.sh --scenarios S1,S2 --repeats 3
 #   bench/run.sh --smoke              # a few seconds per peer, no idle wait
+#   bench/run.sh --scenarios S8 --peers direct,pnp,envoy   # stalled readers only
 #
 # Arguments go to `pnp-bench run` (see `pnp-bench run --help`). The load client runs on CPU 0
 # (beside the bench upstream); the peer under test is pinned to CPU 1 so every proxy gets one

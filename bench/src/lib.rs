@@ -16,5 +16,6 @@ pub mod report;
 pub mod runner;
 pub mod scenarios;
 pub mod service;
+pub mod stall;
 pub mod tonic_peer;
 pub mod upstream;

@@ -53,8 +53,8 @@ struct RunArgs {
     /// Peers, comma-separated: direct,pnp,tonic-web,envoy,nginx.
     #[arg(long, default_value = "direct,pnp,tonic-web,envoy,nginx")]
     peers: String,
-    /// Scenarios, comma-separated: S1..S7.
-    #[arg(long, default_value = "S1,S2,S3,S4,S5,S6,S7")]
+    /// Scenarios, comma-separated: S1..S8.
+    #[arg(long, default_value = "S1,S2,S3,S4,S5,S6,S7,S8")]
     scenarios: String,
     /// Only these protocols (grpc-h2, web-h2, web-text-h2, web-h1, web-text-h1).
     #[arg(long)]
@@ -77,6 +77,15 @@ struct RunArgs {
     /// S6 message sizes in MiB, comma-separated.
     #[arg(long)]
     s6_mib: Option<String>,
+    /// S8 stalled readers as CONNECTIONSxSTREAMS (e.g. `8x8`).
+    #[arg(long)]
+    s8_stall: Option<String>,
+    /// S8 closed-loop unary concurrency.
+    #[arg(long)]
+    s8_concurrency: Option<usize>,
+    /// S8 `grpc-timeout` of the stalled streams, in milliseconds.
+    #[arg(long)]
+    s8_deadline_ms: Option<u64>,
     /// The pnp binary (default: `pnp` beside this binary).
     #[arg(long)]
     pnp: Option<PathBuf>,
@@ -151,6 +160,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if let Some(sizes) = &args.s6_mib {
         scale.s6_sizes = list(sizes, |s| s.parse::<u64>().ok().map(|m| m << 20), "size")?;
+    }
+    if let Some(stall) = &args.s8_stall {
+        let (connections, streams) = stall
+            .split_once(['x', '×'])
+            .and_then(|(c, s)| Some((c.trim().parse().ok()?, s.trim().parse().ok()?)))
+            .filter(|&(c, s): &(usize, usize)| c > 0 && s > 0)
+            .with_context(|| format!("--s8-stall `{stall}`: expected CONNECTIONSxSTREAMS"))?;
+        scale.s8_stall_connections = connections;
+        scale.s8_stall_streams = streams;
+    }
+    if let Some(n) = args.s8_concurrency {
+        scale.s8_concurrency = n.max(1);
+    }
+    if let Some(ms) = args.s8_deadline_ms {
+        scale.s8_deadline = Duration::from_millis(ms);
     }
     let exe = std::env::current_exe()?;
     let pnp = args

@@ -418,9 +418,9 @@ pub async fn start(kind: PeerKind, upstream: &Peer, tools: &Tools) -> anyhow::Re
     Ok(child(Running::Child(guard), addr))
 }
 
-/// Envoy: one worker, the grpc_web filter, no stream or route timeouts, limits raised so the
-/// benchmark and not Envoy's defaults sets the concurrency, the same HTTP/2 windows as
-/// everyone else.
+/// Envoy: one worker, the grpc_web filter, no stream or route timeouts of its own (a call's
+/// `grpc-timeout` is honoured), limits raised so the benchmark and not Envoy's defaults sets the
+/// concurrency, the same HTTP/2 windows as everyone else.
 pub fn envoy_config(port: u16, upstream_port: u16, admin_port: u16) -> String {
     let stream_window = service::STREAM_WINDOW;
     let connection_window = service::CONNECTION_WINDOW;
@@ -466,7 +466,12 @@ static_resources:
               domains: ["*"]
               routes:
               - match: {{ prefix: "/" }}
-                route: {{ cluster: upstream, timeout: 0s }}
+                route:
+                  cluster: upstream
+                  timeout: 0s
+                  # Honour the client's grpc-timeout as gRPC clients expect (S8's stalled
+                  # streams carry one; no other scenario sends it).
+                  max_stream_duration: {{ grpc_timeout_header_max: 0s }}
           http_filters:
           - name: envoy.filters.http.grpc_web
             typed_config:

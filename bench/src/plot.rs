@@ -56,6 +56,13 @@ pub fn all(results: &Results, dir: &Path) -> anyhow::Result<Vec<String>> {
             "S7 unary while S2 runs",
             "latency (µs)",
         ));
+        cdfs.push((
+            Scenario::S8,
+            "",
+            protocol,
+            "S8 unary beside stalled readers",
+            "latency (µs)",
+        ));
     }
     for (scenario, variant, protocol, title, x_label) in cdfs {
         let series: Vec<&Median> = results

@@ -77,6 +77,24 @@ fn metrics_for(scenario: Scenario, variant: &str) -> &'static [&'static str] {
             "added_p50_us",
             "background_msgs_per_s",
         ],
+        Scenario::S8 => &[
+            "calm_p50_us",
+            "stalled_p50_us",
+            "calm_p99_us",
+            "stalled_p99_us",
+            "p99_ratio",
+            "calm_calls_per_s",
+            "stalled_calls_per_s",
+            "calm_errors",
+            "stalled_errors",
+            "peak_rss_mb",
+            "stall_added_rss_mb",
+            "stall_life_p50_ms",
+            "stall_longest_open_ms",
+            "stall_open_at_end",
+            "stall_resets",
+            "stall_statuses",
+        ],
     }
 }
 
@@ -98,6 +116,29 @@ fn describe(metric: &str) -> &'static str {
         "open_all_s" => "time to open all streams (s)",
         "gib_per_s" => "wall-clock throughput (GiB/s)",
         "gib_per_cpu_s" => "GiB moved per CPU-second of the peer = GiB/s per core",
+        "calm_p50_us" | "calm_p99_us" => {
+            "unary latency without stalled readers (µs; every call started in the window)"
+        }
+        "stalled_p50_us" | "stalled_p99_us" => {
+            "unary latency while the stalled readers run (µs; a failed call counts at the time it took)"
+        }
+        "p99_ratio" => "stalled_p99_us / calm_p99_us in the same run (1 = no effect)",
+        "calm_calls_per_s" | "stalled_calls_per_s" => {
+            "unary calls per second answered OK, without / with stalled readers"
+        }
+        "calm_errors" | "stalled_errors" => {
+            "unary calls that failed or got no answer within the call timeout (must be 0)"
+        }
+        "stall_added_rss_mb" => "peak RSS while stalled − RSS just before the stall (MB)",
+        "stall_life_p50_ms" => {
+            "open → end (RST_STREAM or trailers) of the stalled streams that ended, as their client saw it (ms)"
+        }
+        "stall_longest_open_ms" => {
+            "longest any stalled stream stayed open, ended or still open at the end (ms)"
+        }
+        "stall_open_at_end" => "stalled streams open when the unary load ended (the stall held)",
+        "stall_resets" => "stalled streams ended by RST_STREAM",
+        "stall_statuses" => "stalled streams ended by trailers (a grpc-status)",
         _ => "",
     }
 }
@@ -144,6 +185,19 @@ fn metric(
         .metrics
         .get(name)
         .copied()
+}
+
+/// Whether pnp's value over Envoy's means something (not for differences, counts of failures
+/// or events, or ratios that are already within one peer).
+fn comparable(name: &str) -> bool {
+    !name.starts_with("added_")
+        && !name.ends_with("errors")
+        && !name.starts_with("broken")
+        && !name.ends_with("_ratio")
+        && !matches!(
+            name,
+            "stall_open_at_end" | "stall_resets" | "stall_statuses"
+        )
 }
 
 /// The whole report.
@@ -220,12 +274,7 @@ pub fn markdown(results: &Results) -> String {
                     let _ = write!(out, " {cell} |");
                 }
                 let ratio = match (value(PeerKind::Pnp), value(PeerKind::Envoy)) {
-                    (Some(a), Some(b))
-                        if b != 0.0
-                            && !name.starts_with("added_")
-                            && *name != "errors"
-                            && !name.starts_with("broken") =>
-                    {
+                    (Some(a), Some(b)) if b != 0.0 && comparable(name) => {
                         format!("{:.2}", a / b)
                     }
                     _ => "–".into(),

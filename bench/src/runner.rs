@@ -172,9 +172,18 @@ pub fn plan(scale: &Scale, scenarios: &[Scenario], protocols: &[Protocol]) -> Ve
                 format!("{} streams", scale.s2_streams),
                 &[Grpc, WebH2],
             ),
+            Scenario::S8 => add(scenario, s8_variant(scale), &[Grpc, WebH2]),
         }
     }
     points
+}
+
+/// `c8 + 8×8 stalled`: the unary concurrency and the stalled connections × streams.
+pub fn s8_variant(scale: &Scale) -> String {
+    format!(
+        "c{} + {}×{} stalled",
+        scale.s8_concurrency, scale.s8_stall_connections, scale.s8_stall_streams
+    )
 }
 
 /// `100 MiB`, `1 GiB`.
@@ -214,6 +223,7 @@ async fn run_point(point: &Point, target: &Target, scale: &Scale) -> anyhow::Res
             scenarios::s6_bulk(target, size).await
         }
         Scenario::S7 => scenarios::s7_busy(target, scale).await,
+        Scenario::S8 => scenarios::s8_stalled(target, scale).await,
     }
 }
 
@@ -260,15 +270,15 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<Results> {
                 .iter()
                 .filter(|p| peer.supports(p.protocol))
                 .collect();
-            // A fresh upstream and peer for each scenario, and for each point of S5 and S6, so
-            // memory one point leaves behind (allocators keep freed pages) is not charged to
+            // A fresh upstream and peer for each scenario, and for each point of S5, S6 and S8,
+            // so memory one point leaves behind (allocators keep freed pages) is not charged to
             // the next.
             let mut current: Option<(peers::Peer, peers::Peer)> = None;
             let mut last_scenario = None;
             for point in mine {
                 let fresh = current.is_none()
                     || last_scenario != Some(point.scenario)
-                    || matches!(point.scenario, Scenario::S5 | Scenario::S6);
+                    || matches!(point.scenario, Scenario::S5 | Scenario::S6 | Scenario::S8);
                 last_scenario = Some(point.scenario);
                 if fresh {
                     if let Some((upstream, running)) = current.take() {
@@ -410,7 +420,7 @@ pub fn medians(records: &[Record]) -> Vec<Median> {
                 })
                 .collect();
             // The distribution of the run whose p50 is closest to the median p50.
-            let key = ["p50_us", "delay_p50_us"]
+            let key = ["p50_us", "delay_p50_us", "stalled_p50_us"]
                 .into_iter()
                 .find(|k| metrics.contains_key(*k));
             let cdf = key

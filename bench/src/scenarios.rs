@@ -1,4 +1,4 @@
-//! The scenarios S1–S7. Each one drives load at one peer for one protocol and returns its
+//! The scenarios S1–S8. Each one drives load at one peer for one protocol and returns its
 //! numbers; the runner repeats and aggregates them.
 
 use std::collections::BTreeMap;
@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use crate::client::{CallSpec, Channel, Protocol, ResponseStream};
 use crate::procstat::{self, CpuMark};
 use crate::service::{Method, Params};
+use crate::stall::{StallSpec, StalledReaders};
 
 /// Which scenario.
 #[derive(
@@ -34,11 +35,13 @@ pub enum Scenario {
     S6,
     /// A new unary call's latency while S2 runs.
     S7,
+    /// Unary closed-loop latency without and with stalled readers holding streams open.
+    S8,
 }
 
 impl Scenario {
     /// Every scenario.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::S1,
         Scenario::S2,
         Scenario::S3,
@@ -46,6 +49,7 @@ impl Scenario {
         Scenario::S5,
         Scenario::S6,
         Scenario::S7,
+        Scenario::S8,
     ];
 
     /// A one-line description for tables.
@@ -58,10 +62,11 @@ impl Scenario {
             Scenario::S5 => "S5 concurrent idle streams",
             Scenario::S6 => "S6 bulk (one message per call)",
             Scenario::S7 => "S7 unary latency while S2 runs",
+            Scenario::S8 => "S8 stalled readers beside unary load",
         }
     }
 
-    /// Parse `S1`…`S7` (any case).
+    /// Parse `S1`…`S8` (any case).
     pub fn parse(name: &str) -> Option<Self> {
         Self::ALL
             .into_iter()
@@ -69,8 +74,10 @@ impl Scenario {
     }
 }
 
-/// How big each scenario is.
+/// How big each scenario is. Fields missing from an older `results.json` take
+/// [`Scale::full`]'s values.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Scale {
     /// Measured time of a timed point.
     pub duration: Duration,
@@ -96,6 +103,24 @@ pub struct Scale {
     pub s5_http1_connections: usize,
     /// S6 message sizes in bytes.
     pub s6_sizes: Vec<u64>,
+    /// S8 closed-loop unary concurrency (one HTTP/2 connection of its own).
+    pub s8_concurrency: usize,
+    /// S8 stalled-reader connections.
+    pub s8_stall_connections: usize,
+    /// S8 stalled streams held open on each of those connections.
+    pub s8_stall_streams: usize,
+    /// S8 reply each stalled stream asks for, in bytes.
+    pub s8_reply_bytes: u64,
+    /// S8 `grpc-timeout` of each stalled stream.
+    pub s8_deadline: Duration,
+    /// S8: a unary call still unanswered after this long is abandoned and counted as failed.
+    pub s8_call_timeout: Duration,
+}
+
+impl Default for Scale {
+    fn default() -> Self {
+        Self::full()
+    }
 }
 
 impl Scale {
@@ -114,6 +139,12 @@ impl Scale {
             s5_connections: 10,
             s5_http1_connections: 2000,
             s6_sizes: vec![100 << 20, 1 << 30],
+            s8_concurrency: 8,
+            s8_stall_connections: 8,
+            s8_stall_streams: 8,
+            s8_reply_bytes: 2 << 20,
+            s8_deadline: Duration::from_secs(2),
+            s8_call_timeout: Duration::from_secs(5),
         }
     }
 
@@ -132,6 +163,12 @@ impl Scale {
             s5_connections: 2,
             s5_http1_connections: 20,
             s6_sizes: vec![1 << 20, 4 << 20],
+            s8_concurrency: 2,
+            s8_stall_connections: 2,
+            s8_stall_streams: 4,
+            s8_reply_bytes: 2 << 20,
+            s8_deadline: Duration::from_millis(200),
+            s8_call_timeout: Duration::from_millis(500),
         }
     }
 }
@@ -819,6 +856,174 @@ pub async fn s7_busy(target: &Target, scale: &Scale) -> anyhow::Result<Sample> {
     }
     if let Some(v) = bg.metrics.get("msgs_per_s") {
         sample.set("background_msgs_per_s", *v);
+    }
+    Ok(sample)
+}
+
+/// What the closed-loop unary workers of one S8 phase saw. A call counts when it was in flight
+/// during the measured window (started before its end, ended after its start), so a call that
+/// started in the warm-up and is still held up when the window opens is not lost.
+struct UnaryWindow {
+    /// Latency of every call counted, failed ones included (a call abandoned at the timeout
+    /// counts at the timeout).
+    latency: Histogram<u64>,
+    /// Calls counted that ended with status OK.
+    ok: u64,
+    /// Calls counted that failed or were abandoned.
+    failed: u64,
+    /// Of those, abandoned at the timeout.
+    timed_out: u64,
+    /// The workers' channels, for the next phase.
+    channels: Vec<Channel>,
+}
+
+/// Closed-loop unary calls on `channels`: warm-up, then `scale.duration` measured. Unlike S1,
+/// every call in flight during the window counts however early it started or late it ends
+/// (waiting up to `call_timeout`), so a call held up by someone else's stall shows in the
+/// percentiles or as a failure instead of falling out of the window.
+async fn unary_window(
+    channels: Vec<Channel>,
+    scale: &Scale,
+    call_timeout: Duration,
+) -> anyhow::Result<UnaryWindow> {
+    let measure_from = Instant::now() + scale.warmup;
+    let deadline = measure_from + scale.duration;
+    let mut workers = JoinSet::new();
+    for mut channel in channels {
+        workers.spawn(async move {
+            let mut h = histogram();
+            let (mut ok, mut failed, mut timed_out) = (0u64, 0u64, 0u64);
+            let spec = CallSpec::unary();
+            loop {
+                let t0 = Instant::now();
+                if t0 >= deadline {
+                    break;
+                }
+                let result = tokio::time::timeout(call_timeout, channel.call(&spec)).await;
+                let took = t0.elapsed();
+                let good = matches!(result, Ok(Ok(_)));
+                if t0 + took >= measure_from {
+                    record(&mut h, took);
+                    match result {
+                        Ok(Ok(_)) => ok += 1,
+                        Ok(Err(_)) => failed += 1,
+                        Err(_) => {
+                            failed += 1;
+                            timed_out += 1;
+                        }
+                    }
+                }
+                if !good || channel.is_broken() {
+                    match Channel::connect(channel.addr(), channel.protocol()).await {
+                        Ok(c) => channel = c,
+                        Err(_) => break,
+                    }
+                }
+            }
+            (h, ok, failed, timed_out, channel)
+        });
+    }
+    let mut window = UnaryWindow {
+        latency: histogram(),
+        ok: 0,
+        failed: 0,
+        timed_out: 0,
+        channels: Vec::new(),
+    };
+    while let Some(joined) = workers.join_next().await {
+        let (h, ok, failed, timed_out, channel) = joined?;
+        let _ = window.latency.add(&h);
+        window.ok += ok;
+        window.failed += failed;
+        window.timed_out += timed_out;
+        window.channels.push(channel);
+    }
+    Ok(window)
+}
+
+/// S8: `s8_concurrency` closed-loop unary calls on a connection of their own, first alone
+/// ("calm"), then while stalled readers (see [`crate::stall`]) hold
+/// `s8_stall_connections × s8_stall_streams` server streams of `s8_reply_bytes` open without
+/// reading them. Reports both phases' latency and throughput and their ratio, the failed calls,
+/// the peer's peak RSS while stalled, and how long the stalled streams stayed open.
+pub async fn s8_stalled(target: &Target, scale: &Scale) -> anyhow::Result<Sample> {
+    let call_timeout = scale.s8_call_timeout;
+    let channels = channels(target, scale.s8_concurrency, 1).await?;
+    let mut sample = Sample::default();
+    let seconds = scale.duration.as_secs_f64().max(1e-9);
+
+    let calm_meter = Meter::start(target);
+    let calm = unary_window(channels, scale, call_timeout).await?;
+    let mut calm_usage = Sample::default();
+    calm_meter.finish(&mut calm_usage, 0.0);
+    if let Some(peak) = calm_usage.metrics.get("peak_rss_mb") {
+        sample.set("calm_peak_rss_mb", *peak);
+    }
+    sample.set("calm_calls", calm.ok as f64);
+    sample.set("calm_calls_per_s", calm.ok as f64 / seconds);
+    sample.set("calm_errors", calm.failed as f64);
+    sample.latency("calm_", &calm.latency, false);
+
+    let spec = StallSpec {
+        connections: scale.s8_stall_connections,
+        streams_per_connection: scale.s8_stall_streams,
+        reply_bytes: scale.s8_reply_bytes,
+        message_bytes: (scale.s8_reply_bytes / 32).clamp(1, crate::service::BULK_CHUNK as u64),
+        deadline: scale.s8_deadline,
+    };
+    let rss_before = target.peer_pid.and_then(procstat::rss_bytes);
+    let meter = Meter::start(target);
+    let stall = StalledReaders::start(target.addr, spec).await?;
+    let stalled = unary_window(calm.channels, scale, call_timeout).await;
+    let open_at_end = stall.open_now();
+    let mut usage = Sample::default();
+    meter.finish(&mut usage, 0.0);
+    let report = stall.stop().await;
+    let stalled = stalled?;
+
+    sample.set("stalled_calls", stalled.ok as f64);
+    sample.set("stalled_calls_per_s", stalled.ok as f64 / seconds);
+    sample.set("stalled_errors", stalled.failed as f64);
+    sample.set("stalled_timeouts", stalled.timed_out as f64);
+    sample.latency("stalled_", &stalled.latency, true);
+    let ratio = |sample: &mut Sample, name: &str, over: &str, under: &str| {
+        let value = sample.metrics.get(over).copied();
+        let base = sample.metrics.get(under).copied();
+        if let (Some(value), Some(base)) = (value, base) {
+            if base > 0.0 {
+                sample.set(name, value / base);
+            }
+        }
+    };
+    ratio(&mut sample, "p50_ratio", "stalled_p50_us", "calm_p50_us");
+    ratio(&mut sample, "p99_ratio", "stalled_p99_us", "calm_p99_us");
+    ratio(
+        &mut sample,
+        "calls_ratio",
+        "stalled_calls_per_s",
+        "calm_calls_per_s",
+    );
+    if let Some(peak) = usage.metrics.get("peak_rss_mb").copied() {
+        sample.set("peak_rss_mb", peak);
+        if let Some(before) = rss_before {
+            sample.set("stall_added_rss_mb", peak - before as f64 / 1e6);
+        }
+    }
+    sample.set("stall_streams", spec.streams() as f64);
+    sample.set("stall_open_at_end", open_at_end as f64);
+    sample.set("stall_opened", report.opened as f64);
+    sample.set("stall_resets", report.resets as f64);
+    sample.set("stall_statuses", report.statuses as f64);
+    for (code, n) in &report.status_codes {
+        sample.set(&format!("stall_status_{code}"), *n as f64);
+    }
+    sample.set("stall_reconnects", report.reconnects as f64);
+    sample.set(
+        "stall_longest_open_ms",
+        report.longest_open.as_secs_f64() * 1e3,
+    );
+    if let Some(p50) = report.lifetime_quantile(0.5) {
+        sample.set("stall_life_p50_ms", p50.as_secs_f64() * 1e3);
     }
     Ok(sample)
 }

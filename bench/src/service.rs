@@ -13,7 +13,9 @@ use http::HeaderMap;
 pub const UNARY: &str = "/bench.Bench/Unary";
 /// Server streaming: `x-bench-count` messages (0 = until the client resets) of `x-bench-size`
 /// bytes, one every `x-bench-interval-us` (0 = as fast as flow control allows). Paced messages
-/// start with the upstream's send time in nanoseconds since the Unix epoch (u64, little endian).
+/// start with the upstream's send time in nanoseconds since the Unix epoch (u64, little endian);
+/// unpaced messages of 16 KiB to 1 MiB are slices of [`BULK_BYTES`] (scenario S8's 2 MiB
+/// replies).
 pub const TOKENS: &str = "/bench.Bench/Tokens";
 /// One message, then the stream stays open and silent until the client resets it.
 pub const IDLE: &str = "/bench.Bench/Idle";
@@ -38,6 +40,17 @@ pub const BULK_CHUNK: usize = 1 << 20;
 pub const STREAM_WINDOW: u32 = 1 << 20;
 /// HTTP/2 connection window used everywhere.
 pub const CONNECTION_WINDOW: u32 = 4 << 20;
+
+/// Smallest message an unpaced stream writes from [`BULK_BYTES`] rather than in a batch.
+pub const LARGE_MESSAGE: usize = 16 << 10;
+
+/// The 5-byte header of an uncompressed `len`-byte gRPC message.
+pub fn frame_header(len: usize) -> Bytes {
+    let mut out = BytesMut::with_capacity(5);
+    out.put_u8(0);
+    out.put_u32(len as u32);
+    out.freeze()
+}
 
 /// A gRPC frame: the 5-byte header and `payload`.
 pub fn frame(payload: &[u8]) -> Bytes {

@@ -137,10 +137,7 @@ async fn handle(
             return Ok(());
         }
         Method::Bulk => {
-            let mut header = bytes::BytesMut::with_capacity(5);
-            header.extend_from_slice(&[0]);
-            header.extend_from_slice(&(params.size as u32).to_be_bytes());
-            send_flow(&mut send, header.freeze()).await?;
+            send_flow(&mut send, service::frame_header(params.size as usize)).await?;
             let mut left = params.size as usize;
             while left > 0 {
                 let n = left.min(service::BULK_CHUNK);
@@ -172,7 +169,20 @@ async fn paced(send: &mut SendStream<Bytes>, params: Params) -> Result<(), h2::E
 }
 
 /// `count` messages as fast as flow control allows, written [`service::BATCH`] at a time.
+/// Large messages ([`service::LARGE_MESSAGE`] and up) are written one by one from the shared
+/// bulk chunk instead, so a stream of 2 MiB (scenario S8) allocates nothing per call.
 async fn unpaced(send: &mut SendStream<Bytes>, params: Params) -> Result<(), h2::Error> {
+    let size = params.size as usize;
+    if (service::LARGE_MESSAGE..=service::BULK_CHUNK).contains(&size) {
+        let header = service::frame_header(size);
+        let mut sent = 0;
+        while params.count == 0 || sent < params.count {
+            send_flow(send, header.clone()).await?;
+            send_flow(send, service::BULK_BYTES.slice(..size)).await?;
+            sent += 1;
+        }
+        return Ok(());
+    }
     let batch = service::batch(params.size as usize);
     let frame_len = batch.len() / service::BATCH;
     let mut left = params.count;
