@@ -40,6 +40,9 @@ pub struct Profile {
     pub idempotent: bool,
     /// Under overload, streams of this profile may be answered as one buffered reply.
     pub degradable: bool,
+    /// Largest message of this profile's calls, either direction; `None`: `limits.max_message_size`.
+    /// Bulk profiles (model loads, checkpoints) go up to 4 GiB − 1, the gRPC frame limit.
+    pub max_message_size: Option<usize>,
 }
 
 impl Default for Profile {
@@ -53,6 +56,7 @@ impl Default for Profile {
             retry: RetrySettings::default(),
             idempotent: false,
             degradable: false,
+            max_message_size: None,
         }
     }
 }

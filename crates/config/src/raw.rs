@@ -104,6 +104,7 @@ struct RawProfile {
     max_duration: Option<String>,
     idempotent: Option<bool>,
     degradable: Option<bool>,
+    max_message_size: Option<String>,
     #[serde(default)]
     retry: RawRetry,
 }
@@ -187,6 +188,18 @@ struct RawLimits {
 #[serde(deny_unknown_fields)]
 struct RawShutdown {
     grace_period: Option<String>,
+}
+
+/// A message size limit: at most 4 GiB − 1, what the gRPC frame's 4-byte length can say.
+fn parse_message_size(key: &str, text: &str) -> Result<usize, ConfigError> {
+    let size = parse_size(text).map_err(|reason| invalid(key, reason))?;
+    if size == 0 || size > u32::MAX as usize {
+        return Err(invalid(
+            key,
+            "must be 1 byte … 4 GiB − 1 (4294967295), the gRPC frame limit",
+        ));
+    }
+    Ok(size)
 }
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
@@ -414,6 +427,10 @@ impl RawProfile {
             retry,
             idempotent: self.idempotent.unwrap_or(d.idempotent),
             degradable: self.degradable.unwrap_or(d.degradable),
+            max_message_size: match &self.max_message_size {
+                Some(text) => Some(parse_message_size(&key("max_message_size"), text)?),
+                None => d.max_message_size,
+            },
         })
     }
 }
@@ -604,19 +621,18 @@ impl RawConfig {
                 .unwrap_or(config.cors.http_headers_param),
         };
 
-        config.limits =
-            Limits {
-                max_message_size: match &self.limits.max_message_size {
-                    Some(text) => parse_size(text)
-                        .map_err(|reason| invalid("limits.max_message_size", reason))?,
-                    None => config.limits.max_message_size,
-                },
-                buffer_budget: match &self.limits.buffer_budget {
-                    Some(text) => parse_size(text)
-                        .map_err(|reason| invalid("limits.buffer_budget", reason))?,
-                    None => config.limits.buffer_budget,
-                },
-            };
+        config.limits = Limits {
+            max_message_size: match &self.limits.max_message_size {
+                Some(text) => parse_message_size("limits.max_message_size", text)?,
+                None => config.limits.max_message_size,
+            },
+            buffer_budget: match &self.limits.buffer_budget {
+                Some(text) => {
+                    parse_size(text).map_err(|reason| invalid("limits.buffer_budget", reason))?
+                }
+                None => config.limits.buffer_budget,
+            },
+        };
 
         config.shutdown = Shutdown {
             grace_period: match &self.shutdown.grace_period {
@@ -839,6 +855,19 @@ mod tests {
     }
 
     #[test]
+    fn a_bulk_profile_may_raise_the_message_limit_to_the_frame_limit() {
+        let config = Config::from_toml(
+            "[profiles.checkpoint]\nmax_message_size = \"4294967295\"\n[[routes]]\njob = \"ckpt\"\nprofile = \"checkpoint\"",
+        )
+        .expect("valid");
+        assert_eq!(
+            config.jobs.profiles["checkpoint"].max_message_size,
+            Some(u32::MAX as usize)
+        );
+        assert_eq!(config.jobs.profiles["default"].max_message_size, None);
+    }
+
+    #[test]
     fn bad_profiles_name_their_key() {
         for (doc, key) in [
             ("[[routes]]\nprofile = \"nope\"", "routes[0].profile"),
@@ -859,6 +888,14 @@ mod tests {
                 "profiles.a.idle_timeout",
             ),
             ("[profiles.a]\nidel_timeout = \"1s\"", "idel_timeout"),
+            (
+                "[profiles.a]\nmax_message_size = \"4294967296\"",
+                "profiles.a.max_message_size",
+            ),
+            (
+                "[limits]\nmax_message_size = \"0\"",
+                "limits.max_message_size",
+            ),
             (
                 "[resilience]\nmax_concurrent_streams = 0",
                 "resilience.max_concurrent_streams",

@@ -234,10 +234,10 @@ async fn serve_stream<S>(
 ) where
     S: tower::Service<Request<RequestBody>, Response = Response<ReplyBody>, Error = Infallible>,
 {
-    let reset = CancellationToken::new();
+    let reset = ClientReset::default();
     let mut request = request.map(|recv| RequestBody::Http2(H2Body::new(recv)));
     request.extensions_mut().insert(PeerAddr(peer));
-    request.extensions_mut().insert(ClientReset(reset.clone()));
+    request.extensions_mut().insert(reset.clone());
 
     // While the call waits for its upstream, a client reset drops it (and so the upstream call).
     let response = {
@@ -295,10 +295,10 @@ enum Event {
 async fn pipe(
     mut body: ReplyBody,
     mut send: h2::SendStream<FrameBuf>,
-    reset: &CancellationToken,
+    reset: &ClientReset,
     metrics: &Metrics,
 ) {
-    let mut reset_signal = pin!(reset.cancelled());
+    let mut reset_signal = pin!(reset.token.cancelled());
     let mut in_hand: Option<FrameBuf> = None;
     loop {
         let event = poll_fn(|cx| {
@@ -341,6 +341,7 @@ async fn pipe(
                 return;
             }
             Event::Capacity => {
+                reset.stalled.store(false, Ordering::Release);
                 if let Some(data) = in_hand.take() {
                     let end = body.is_end_stream();
                     if send.send_data(data, end).is_err() || end {
@@ -363,6 +364,7 @@ async fn pipe(
                         }
                     } else {
                         in_hand = Some(data);
+                        reset.stalled.store(true, Ordering::Release);
                     }
                 }
                 Err(frame) => {

@@ -274,7 +274,7 @@ impl Inner {
             )
         };
 
-        let head = CallHead {
+        let mut head = CallHead {
             path,
             subtype: accepted.subtype,
             metadata,
@@ -284,6 +284,9 @@ impl Inner {
         let policy = self
             .profiles
             .select(head.service(), head.method(), job.route.as_deref());
+        if let Some(limit) = policy.max_message_size {
+            head.max_message_size = limit;
+        }
         let client = parts.extensions.get::<PeerAddr>().map(|peer| peer.0.ip());
         let degrade = match self.admission.admit(policy.degradable, client) {
             Admitted::Yes { permit, degrade } => {
@@ -310,7 +313,7 @@ impl Inner {
         let messages = RequestMessages::new(
             body.0.take().unwrap_or(RequestBody::Empty),
             accepted.protocol == Protocol::GrpcWebText,
-            self.max_message_size,
+            head.max_message_size,
             abort.clone(),
             self.metrics.request_counters(self.transport_name),
             activity,

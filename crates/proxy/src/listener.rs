@@ -207,7 +207,7 @@ where
         let extensions = request.extensions_mut();
         extensions.insert(PeerAddr(self.peer));
         if let Some(reset) = &self.reset {
-            extensions.insert(ClientReset(reset.clone()));
+            extensions.insert(ClientReset::with_token(reset.clone()));
         }
         self.inner.call(request)
     }

@@ -31,6 +31,8 @@ pub(crate) struct CallPolicy {
     pub(crate) idempotent: bool,
     /// May be answered as one buffered reply under overload.
     pub(crate) degradable: bool,
+    /// The profile's message limit, if it sets one (else the global limit).
+    pub(crate) max_message_size: Option<usize>,
 }
 
 impl CallPolicy {
@@ -142,6 +144,7 @@ fn compile(name: &str, profile: &Profile, table: &FirstMessageTable) -> Result<C
         retry,
         idempotent: profile.idempotent,
         degradable: profile.degradable,
+        max_message_size: profile.max_message_size,
     })
 }
 
@@ -158,6 +161,7 @@ fn fallback() -> CallPolicy {
         retry: None,
         idempotent: false,
         degradable: false,
+        max_message_size: None,
     })
 }
 

@@ -10,9 +10,10 @@
 //! period with UNAVAILABLE, on a request-side error with that error's status. Ending the call
 //! drops the upstream stream (RST_STREAM CANCEL upstream), stops the request pipe (so a
 //! client-streaming upstream is reset too), records the call and releases its admission permit,
-//! all at once, and leaves the status frame for the body. If the client has not taken that
-//! frame [`STATUS_GRACE`] later, the watchdog fires the call's [`ClientReset`]: the client's
-//! HTTP/2 stream is reset or its HTTP/1.1 connection closed. When the client goes away the
+//! all at once, and leaves the status frame for the body. If the client has no window for what
+//! waits (HTTP/2 knows), or has not taken the status [`STATUS_GRACE`] later, the watchdog fires
+//! the call's [`ClientReset`]: the client's HTTP/2 stream is reset or its HTTP/1.1 connection
+//! closed. When the client goes away the
 //! connection drops this body, which resets the upstream the same way.
 
 use std::collections::VecDeque;
@@ -46,6 +47,8 @@ use crate::request::RequestActivity;
 /// How long a client has to take a call's final status once pnp ended the call, before its
 /// stream is reset (HTTP/2) or its connection closed (HTTP/1.1).
 pub(crate) const STATUS_GRACE: Duration = Duration::from_secs(1);
+/// The same for a client that has no window for what waits to be written (HTTP/2).
+pub(crate) const STALLED_GRACE: Duration = Duration::from_millis(100);
 
 /// How replies are written to this client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -396,17 +399,21 @@ async fn watchdog(
     // Stop the request side too: a client-streaming upstream is reset even while its client
     // keeps the request open.
     abort.abort(status);
+    // A client with no window for what waits (HTTP/2 tells) cannot take the status: it gets
+    // a short grace (a slow reader may be about to open its window), others the full one.
+    let stalled = client_reset.as_ref().is_some_and(ClientReset::is_stalled);
+    let grace = if stalled { STALLED_GRACE } else { STATUS_GRACE };
     tokio::select! {
-        () = shared.finished.cancelled() => {}
-        () = tokio::time::sleep(STATUS_GRACE) => {
-            if let Some(ClientReset(reset)) = client_reset {
-                tracing::debug!(
-                    parent: &shared.lock().observer.span,
-                    "client did not take the final status; resetting its stream"
-                );
-                reset.cancel();
-            }
-        }
+        () = shared.finished.cancelled() => return,
+        () = tokio::time::sleep(grace) => {}
+    }
+    if let Some(reset) = client_reset {
+        tracing::debug!(
+            parent: &shared.lock().observer.span,
+            stalled,
+            "client did not take the final status; resetting its stream"
+        );
+        reset.token.cancel();
     }
 }
 

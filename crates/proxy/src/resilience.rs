@@ -563,6 +563,7 @@ mod tests {
             retry: None,
             idempotent: false,
             degradable: false,
+            max_message_size: None,
         }
     }
 
