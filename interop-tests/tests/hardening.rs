@@ -816,3 +816,61 @@ async fn a_profile_sets_its_own_message_limit() {
         );
     }
 }
+
+/// Over HTTP/1.1 a client that stops reading cannot be sent its status either: once pnp ends
+/// the call (its deadline), the connection, which carries only that call, is closed, and the
+/// upstream is cancelled. The client finds the body cut, without a trailer frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_that_stops_reading_has_its_connection_closed() {
+    let stack = Stack::start().await;
+    let addr = stack.proxy_addr();
+    let tcp = tokio::net::TcpSocket::new_v4().expect("socket");
+    // A small receive buffer, so the stall shows quickly.
+    tcp.set_recv_buffer_size(16 * 1024).expect("rcvbuf");
+    let mut tcp = tcp.connect(addr).await.expect("connect");
+    let body = frame(&streaming_output(32, 1 << 20));
+    let head = format!(
+        "POST {STREAMING_OUTPUT_CALL} HTTP/1.1\r\nhost: pnp\r\ncontent-type: application/grpc-web+proto\r\nx-grpc-web: 1\r\ngrpc-timeout: 1S\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.expect("head");
+    tcp.write_all(&body).await.expect("body");
+    let started = Instant::now();
+    // Not a byte read until well after the deadline.
+    assert!(
+        stack
+            .stats()
+            .wait_cancelled(1, Duration::from_secs(5))
+            .await,
+        "the upstream call was not cancelled at the deadline"
+    );
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut received)).await;
+    assert!(
+        read.is_ok(),
+        "the connection was still open {:?} after the start",
+        started.elapsed()
+    );
+    let text = String::from_utf8_lossy(&received);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..text.len().min(200)]
+    );
+    assert!(
+        !text.contains("grpc-status:0"),
+        "a stream cut by its deadline must not end OK"
+    );
+    assert!(
+        received.len() < 32 << 20,
+        "all {} bytes arrived; the stall never happened",
+        received.len()
+    );
+    let metrics = metrics(&stack).await;
+    assert_eq!(
+        sample(&metrics, "pnp_client_resets_total{protocol=\"h1\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+}
