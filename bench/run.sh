@@ -5,6 +5,7 @@
 #   OUT=bench/results/latest bench/run.sh --scenarios S1,S2 --repeats 3
 #   bench/run.sh --smoke              # a few seconds per peer, no idle wait
 #   bench/run.sh --scenarios S8 --peers direct,pnp,envoy   # stalled readers only
+#   bench/run.sh --scenarios S6,S9 --peers direct,pnp,envoy  # bulk: 4 GiB - 1, upload, concurrent
 #
 # Arguments go to `pnp-bench run` (see `pnp-bench run --help`). The load client runs on CPU 0
 # (beside the bench upstream); the peer under test is pinned to CPU 1 so every proxy gets one

@@ -245,6 +245,11 @@ impl Channel {
         }
         let frame = match spec.method {
             Method::Unary => service::UNARY_FRAME.clone(),
+            // The request is the message itself, streamed by `upload`.
+            Method::Upload => {
+                spec.params.to_headers(headers);
+                Bytes::new()
+            }
             _ => {
                 spec.params.to_headers(headers);
                 service::EMPTY_FRAME.clone()
@@ -294,17 +299,83 @@ impl Channel {
                 )
             }
         };
-        Ok(ResponseStream {
-            _connection: keep,
+        Ok(ResponseStream::new(
             protocol,
             started,
-            body: Some(body),
-            scanner: FrameScanner::new(),
-            text: protocol.is_text().then(Base64Decoder::new),
-            pending: VecDeque::new(),
-            status: head_status,
-            messages: 0,
-        })
+            keep,
+            head_status,
+            body,
+        ))
+    }
+
+    /// A client-streaming [`Method::Upload`] call (HTTP/2, binary protocols): the request is one
+    /// `size`-byte message (up to 4 GiB − 1), sent as its header and then slices of the shared
+    /// bulk chunk as the peer's window allows, so it is never held whole. Returns the payload
+    /// length the upstream says it received; `Ok` only if the call ended with status OK.
+    pub async fn upload(&mut self, size: u64) -> anyhow::Result<u64> {
+        if self.protocol.is_http1() || self.protocol.is_text() {
+            bail!(
+                "uploads are sent over HTTP/2 as gRPC or binary gRPC-Web, not {}",
+                self.protocol.name()
+            );
+        }
+        let spec = CallSpec::stream(
+            Method::Upload,
+            Params {
+                count: 1,
+                size,
+                interval_us: 0,
+            },
+        );
+        let (request, _) = self.request(&spec)?;
+        let started = Instant::now();
+        let protocol = self.protocol;
+        let Inner::H2(send) = &mut self.inner else {
+            bail!("uploads need HTTP/2");
+        };
+        let keep = Some(send.clone());
+        poll_fn(|cx| send.poll_ready(cx)).await?;
+        let (response, mut body) = send.send_request(request, false)?;
+        // The request goes out beside the wait for the reply: a peer that refuses the call
+        // answers (and resets the stream) before the message is through.
+        let sender = tokio::spawn(async move {
+            crate::upstream::send_message(&mut body, size).await?;
+            body.send_data(Bytes::new(), true)?;
+            Ok::<_, h2::Error>(())
+        });
+        let outcome = async {
+            let response = response.await?;
+            let head_status = response_status(response.status(), response.headers())?;
+            let mut stream = ResponseStream::new(
+                protocol,
+                started,
+                keep,
+                head_status,
+                Body::H2(response.into_body()),
+            );
+            let mut acknowledged = None;
+            while let Some(message) = stream.next().await? {
+                acknowledged = message.stamp;
+            }
+            Ok::<_, anyhow::Error>((stream.status(), acknowledged))
+        }
+        .await;
+        let (status, acknowledged) = match outcome {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                sender.abort();
+                return Err(e);
+            }
+        };
+        if status != Some(0) {
+            sender.abort();
+            bail!("upload of {size} bytes ended with grpc-status {status:?}");
+        }
+        sender
+            .await
+            .context("the upload task")?
+            .context("sending the upload")?;
+        acknowledged.context("the upload's reply carried no length")
     }
 
     /// Make a whole call, reading every message; `Ok` only if it ended with status OK.
@@ -360,6 +431,26 @@ impl std::fmt::Debug for ResponseStream {
 }
 
 impl ResponseStream {
+    fn new(
+        protocol: Protocol,
+        started: Instant,
+        connection: Option<h2::client::SendRequest<Bytes>>,
+        head_status: Option<u32>,
+        body: Body,
+    ) -> Self {
+        Self {
+            _connection: connection,
+            protocol,
+            started,
+            body: Some(body),
+            scanner: FrameScanner::new(),
+            text: protocol.is_text().then(Base64Decoder::new),
+            pending: VecDeque::new(),
+            status: head_status,
+            messages: 0,
+        }
+    }
+
     /// When the request was sent.
     pub fn started(&self) -> Instant {
         self.started

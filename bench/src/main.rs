@@ -53,8 +53,8 @@ struct RunArgs {
     /// Peers, comma-separated: direct,pnp,tonic-web,envoy,nginx.
     #[arg(long, default_value = "direct,pnp,tonic-web,envoy,nginx")]
     peers: String,
-    /// Scenarios, comma-separated: S1..S8.
-    #[arg(long, default_value = "S1,S2,S3,S4,S5,S6,S7,S8")]
+    /// Scenarios, comma-separated: S1..S9.
+    #[arg(long, default_value = "S1,S2,S3,S4,S5,S6,S7,S8,S9")]
     scenarios: String,
     /// Only these protocols (grpc-h2, web-h2, web-text-h2, web-h1, web-text-h1).
     #[arg(long)]
@@ -74,9 +74,23 @@ struct RunArgs {
     /// S5 HTTP/2 streams.
     #[arg(long)]
     s5_streams: Option<usize>,
-    /// S6 message sizes in MiB, comma-separated.
-    #[arg(long)]
+    /// S6 download sizes in MiB, comma-separated (see --s6-sizes for other units).
+    #[arg(long, conflicts_with = "s6_sizes")]
     s6_mib: Option<String>,
+    /// S6 download sizes, comma-separated, with units: `100MiB,1GiB,4GiB-1` (the default;
+    /// 4 GiB − 1 is the largest gRPC message).
+    #[arg(long)]
+    s6_sizes: Option<String>,
+    /// S6 upload sizes (one client-streaming message each), comma-separated with units:
+    /// `1GiB` (the default); an empty string runs no upload.
+    #[arg(long)]
+    s6_upload: Option<String>,
+    /// S9 concurrent downloads.
+    #[arg(long)]
+    s9_streams: Option<usize>,
+    /// S9 size of each download, with units (`64MiB` by default).
+    #[arg(long)]
+    s9_size: Option<String>,
     /// S8 stalled readers as CONNECTIONSxSTREAMS (e.g. `8x8`).
     #[arg(long)]
     s8_stall: Option<String>,
@@ -112,6 +126,11 @@ fn list<T>(text: &str, parse: impl Fn(&str) -> Option<T>, what: &str) -> anyhow:
         .filter(|s| !s.trim().is_empty())
         .map(|s| parse(s.trim()).with_context(|| format!("unknown {what} `{s}`")))
         .collect()
+}
+
+/// A message size with units, 1 byte to 4 GiB − 1.
+fn message_size(text: &str) -> Option<u64> {
+    runner::parse_size(text).filter(|&s| (1..=pnp_bench::service::MAX_MESSAGE).contains(&s))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -159,7 +178,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         scale.s5_connections = n.div_ceil(1000).max(1);
     }
     if let Some(sizes) = &args.s6_mib {
-        scale.s6_sizes = list(sizes, |s| s.parse::<u64>().ok().map(|m| m << 20), "size")?;
+        scale.s6_sizes = list(
+            sizes,
+            |s| message_size(&format!("{}MiB", s.parse::<u64>().ok()?)),
+            "S6 size (MiB, at most 4095)",
+        )?;
+    }
+    if let Some(sizes) = &args.s6_sizes {
+        scale.s6_sizes = list(sizes, message_size, "S6 size (1 B … 4 GiB − 1)")?;
+    }
+    if let Some(sizes) = &args.s6_upload {
+        scale.s6_upload_sizes = list(sizes, message_size, "S6 upload size (1 B … 4 GiB − 1)")?;
+    }
+    if let Some(n) = args.s9_streams {
+        scale.s9_streams = n.max(1);
+    }
+    if let Some(size) = &args.s9_size {
+        scale.s9_size = message_size(size)
+            .with_context(|| format!("--s9-size `{size}`: expected a size, 1 B … 4 GiB − 1"))?;
     }
     if let Some(stall) = &args.s8_stall {
         let (connections, streams) = stall

@@ -68,6 +68,61 @@ impl PeerKind {
     pub fn includes_upstream(self) -> bool {
         matches!(self, PeerKind::Direct | PeerKind::TonicWeb)
     }
+
+    /// Whether it holds each message whole in memory (tonic encodes and decodes whole
+    /// messages; the tonic-web peer also builds each bulk reply whole, as a service would).
+    pub fn holds_whole_messages(self) -> bool {
+        self == PeerKind::TonicWeb
+    }
+
+    /// The largest reply message it can send, if it has a limit of its own. tonic hands each
+    /// encoded message (header and payload) to hyper's HTTP/2 as one buffer, and `h2` refuses
+    /// a DATA buffer over 2³¹ − 1 bytes (`UserError::PayloadTooBig`; the client sees the
+    /// stream reset with CANCEL): so the tonic-web peer cannot send a message over
+    /// 2 GiB − 6 bytes, whatever its `max_encoding_message_size`.
+    pub fn largest_reply(self) -> Option<u64> {
+        (self == PeerKind::TonicWeb).then_some((1 << 31) - 1 - 5)
+    }
+
+    /// What the peer may hold of `streams` bulk streams by its flow-control windows, in bytes,
+    /// when it has such a bound: pnp's is [`pnp_window_bound`]. `None` for the others (direct
+    /// and tonic-web are the endpoints; Envoy and nginx buffer by their own rules).
+    pub fn window_bound(self, streams: usize) -> Option<u64> {
+        (self == PeerKind::Pnp).then(|| pnp_window_bound(streams))
+    }
+}
+
+/// `[upstream] stream_window` in the `pnp.toml` the bench writes: pnp's receive window per
+/// upstream stream, the most of a reply it takes from the upstream ahead of the client.
+pub const PNP_UPSTREAM_STREAM_WINDOW: u32 = service::STREAM_WINDOW;
+
+/// pnp's client-facing HTTP/2 stream window (`STREAM_WINDOW` in
+/// `crates/proxy/src/h2server.rs`, not configurable): the most of a request it takes from the
+/// client ahead of the upstream.
+pub const PNP_CLIENT_STREAM_WINDOW: u32 = 1 << 20;
+
+/// The bound "windows × streams" for pnp: `streams` × (upstream stream window + client-facing
+/// stream window), in bytes. With fragments a large message passes through pnp in pieces, so
+/// what it holds for bulk calls should stay under this (plus its baseline), whatever the
+/// message size.
+pub fn pnp_window_bound(streams: usize) -> u64 {
+    streams as u64 * (u64::from(PNP_UPSTREAM_STREAM_WINDOW) + u64::from(PNP_CLIENT_STREAM_WINDOW))
+}
+
+/// The `pnp.toml` the bench runs pnp with.
+///
+/// - `[limits] max_message_size`: the gRPC frame limit, 4 GiB − 1 (S6's largest messages).
+/// - `[upstream] stream_window`: the bench's 1 MiB, written out so the bound S6 and S9 report
+///   ([`pnp_window_bound`]) is the configured one.
+/// - `[resilience] max_streams_per_client`: the load client is one address; give it the whole
+///   concurrency limit (S5 holds 10 000 streams), not the default per-client quarter.
+pub fn pnp_config() -> String {
+    format!(
+        "[limits]\nmax_message_size = \"{}\"\n\n[upstream]\nstream_window = \"{}\"\n\n\
+         [shutdown]\ngrace_period = \"1s\"\n\n[resilience]\nmax_streams_per_client = 10000\n",
+        service::MAX_MESSAGE,
+        PNP_UPSTREAM_STREAM_WINDOW,
+    )
 }
 
 impl fmt::Display for PeerKind {
@@ -311,10 +366,7 @@ pub async fn start(kind: PeerKind, upstream: &Peer, tools: &Tools) -> anyhow::Re
             })
         }
         PeerKind::Pnp => {
-            // The load client is one address: give it the whole concurrency limit (S5 holds
-            // 10 000 streams), not the default per-client quarter.
-            let config = "[limits]\nmax_message_size = \"2GiB\"\n\n[shutdown]\ngrace_period = \"1s\"\n\n[resilience]\nmax_streams_per_client = 10000\n"
-                .to_owned();
+            let config = pnp_config();
             match &tools.pnp {
                 None => {
                     let mut config = pnp_config::Config::from_toml(&config)?;

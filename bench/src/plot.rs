@@ -1,5 +1,5 @@
-//! Plots (SVG, no system fonts needed): latency CDFs, CPU per operation by peer, and bulk
-//! memory against message size.
+//! Plots (SVG, no system fonts needed): latency CDFs, CPU per operation by peer, bulk memory
+//! against message size, and concurrent bulk memory and throughput by peer.
 
 use std::path::Path;
 
@@ -101,7 +101,62 @@ pub fn all(results: &Results, dir: &Path) -> anyhow::Result<Vec<String>> {
         bulk_chart(&dir.join("bulk.svg"), results).map_err(|e| anyhow::anyhow!("bulk.svg: {e}"))?;
         written.push("bulk.svg".into());
     }
+    if results
+        .medians
+        .iter()
+        .any(|m| m.point.scenario == Scenario::S9)
+    {
+        concurrent_chart(&dir.join("concurrent-bulk.svg"), results)
+            .map_err(|e| anyhow::anyhow!("concurrent-bulk.svg: {e}"))?;
+        written.push("concurrent-bulk.svg".into());
+    }
     Ok(written)
+}
+
+/// S9: memory the concurrent downloads added to each peer (with pnp's window bound in the
+/// title) and GiB per CPU-second, per protocol.
+fn concurrent_chart(path: &Path, results: &Results) -> Fallible {
+    let bound = crate::peers::pnp_window_bound(results.scale.s9_streams) as f64 / 1e6;
+    let variant = crate::runner::s9_variant(&results.scale);
+    let root = SVGBackend::new(path, (1200, 800)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(
+        &format!("S9 concurrent bulk, {variant} (pnp's windows × streams bound: {bound:.1} MB)"),
+        ("sans-serif", 18),
+    )?;
+    let areas = root.split_evenly((2, 2));
+    let panels = [
+        (Protocol::Grpc, "added_rss_mb", "grpc-h2: RSS added (MB)"),
+        (
+            Protocol::Grpc,
+            "gib_per_cpu_s",
+            "grpc-h2: GiB per CPU-second",
+        ),
+        (Protocol::WebH2, "added_rss_mb", "web-h2: RSS added (MB)"),
+        (
+            Protocol::WebH2,
+            "gib_per_cpu_s",
+            "web-h2: GiB per CPU-second",
+        ),
+    ];
+    for (area, (protocol, metric, title)) in areas.iter().zip(panels) {
+        let bars: Vec<(PeerKind, f64)> = PeerKind::ALL
+            .into_iter()
+            .filter_map(|peer| {
+                let m = results.medians.iter().find(|m| {
+                    m.peer == peer
+                        && m.point.scenario == Scenario::S9
+                        && m.point.protocol == protocol
+                })?;
+                Some((peer, m.metrics.get(metric).copied()?))
+            })
+            .collect();
+        if !bars.is_empty() {
+            bar_panel(area, title, &bars)?;
+        }
+    }
+    root.present()?;
+    Ok(())
 }
 
 fn cdf_chart(path: &Path, title: &str, x_label: &str, series: &[&Median]) -> Fallible {
@@ -289,12 +344,12 @@ fn bulk_chart(path: &Path, results: &Results) -> Fallible {
         (
             &left,
             "peak_rss_mb",
-            "S6 bulk (grpc-h2): peak RSS of the peer (MB)",
+            "S6 bulk download (grpc-h2): peak RSS of the peer (MB)",
         ),
         (
             &right,
             "gib_per_cpu_s",
-            "S6 bulk (grpc-h2): GiB/s per peer core",
+            "S6 bulk download (grpc-h2): GiB/s per peer core",
         ),
     ] {
         let mut series: Vec<(PeerKind, Vec<(f64, f64)>)> = Vec::new();
@@ -306,6 +361,7 @@ fn bulk_chart(path: &Path, results: &Results) -> Fallible {
                     m.peer == peer
                         && m.point.scenario == Scenario::S6
                         && m.point.protocol == Protocol::Grpc
+                        && !m.point.variant.starts_with(crate::runner::UPLOAD_PREFIX)
                 })
                 .filter_map(|m| {
                     Some((

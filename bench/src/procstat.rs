@@ -1,5 +1,5 @@
 //! What a process costs, read from `/proc`: CPU time from `/proc/PID/stat`, resident memory and
-//! its peak from `/proc/PID/status`.
+//! its peak from `/proc/PID/status`; and the machine's available memory from `/proc/meminfo`.
 
 use std::sync::OnceLock;
 
@@ -47,6 +47,17 @@ pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
     status_kib(pid, "VmHWM").map(|k| k * 1024)
 }
 
+/// Memory the kernel estimates is available for new work without swapping (`MemAvailable` in
+/// `/proc/meminfo`), in bytes.
+pub fn mem_available_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo.lines().find_map(|line| {
+        let value = line.strip_prefix("MemAvailable:")?;
+        let kib: u64 = value.trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kib * 1024)
+    })
+}
+
 /// Reset the peak RSS to the current RSS (`echo 5 > /proc/PID/clear_refs`, Linux ≥ 4.0).
 pub fn reset_peak(pid: u32) -> bool {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
@@ -90,5 +101,6 @@ mod tests {
         assert!(cpu_seconds(pid).is_some());
         assert!(rss_bytes(pid).unwrap_or(0) > 0);
         assert!(peak_rss_bytes(pid).unwrap_or(0) >= rss_bytes(pid).unwrap_or(0) / 2);
+        assert!(mem_available_bytes().unwrap_or(0) > 0);
     }
 }

@@ -69,7 +69,13 @@ fn metrics_for(scenario: Scenario, variant: &str) -> &'static [&'static str] {
             "first_message_p99_us",
             "cpu_us_per_op",
         ],
-        Scenario::S6 => &["gib_per_s", "gib_per_cpu_s", "peak_rss_mb", "cpu_s"],
+        Scenario::S6 => &[
+            "gib_per_s",
+            "gib_per_cpu_s",
+            "peak_rss_mb",
+            "window_bound_mb",
+            "cpu_s",
+        ],
         Scenario::S7 => &[
             "p50_us",
             "p99_us",
@@ -95,6 +101,15 @@ fn metrics_for(scenario: Scenario, variant: &str) -> &'static [&'static str] {
             "stall_resets",
             "stall_statuses",
         ],
+        Scenario::S9 => &[
+            "gib_per_s",
+            "gib_per_cpu_s",
+            "peak_rss_mb",
+            "added_rss_mb",
+            "window_bound_mb",
+            "last_done_s",
+            "cpu_s",
+        ],
     }
 }
 
@@ -116,6 +131,13 @@ fn describe(metric: &str) -> &'static str {
         "open_all_s" => "time to open all streams (s)",
         "gib_per_s" => "wall-clock throughput (GiB/s)",
         "gib_per_cpu_s" => "GiB moved per CPU-second of the peer = GiB/s per core",
+        "cpu_s" => "CPU seconds of the peer over the point",
+        "window_bound_mb" => {
+            "pnp's flow-control bound: streams × (upstream stream window + client-facing stream \
+             window), 2 MiB per stream in the bench (MB); what pnp may hold beyond its baseline"
+        }
+        "added_rss_mb" => "peak RSS − RSS just before the downloads started (MB)",
+        "last_done_s" => "time until the last of the concurrent downloads ended (s)",
         "calm_p50_us" | "calm_p99_us" => {
             "unary latency without stalled readers (µs; every call started in the window)"
         }
@@ -238,7 +260,8 @@ pub fn markdown(results: &Results) -> String {
         let mut keys: Vec<&(String, Protocol)> = rows.keys().collect();
         keys.sort_by_key(|(variant, protocol)| {
             (
-                // S6 variants are sizes: smallest first.
+                // S6 variants are sizes: downloads, then uploads, smallest first.
+                variant.starts_with(crate::runner::UPLOAD_PREFIX),
                 crate::runner::size_of(variant).unwrap_or(0),
                 results
                     .medians
@@ -251,14 +274,18 @@ pub fn markdown(results: &Results) -> String {
         let mut legend: Vec<&str> = Vec::new();
         for key in keys {
             let medians = &rows[key];
-            for name in metrics_for(scenario, &key.0) {
+            // A point no peer could run still gets its first row, so its `n/a` shows.
+            let any_not_applicable = medians
+                .iter()
+                .any(|m| m.runs == 0 && m.not_applicable.is_some());
+            for (i, name) in metrics_for(scenario, &key.0).iter().enumerate() {
                 let value = |peer: PeerKind| {
                     medians
                         .iter()
                         .find(|m| m.peer == peer)
                         .and_then(|m| m.metrics.get(*name).copied())
                 };
-                if peers.iter().all(|p| value(*p).is_none()) {
+                if peers.iter().all(|p| value(*p).is_none()) && !(any_not_applicable && i == 0) {
                     continue;
                 }
                 if !legend.contains(name) {
@@ -268,6 +295,9 @@ pub fn markdown(results: &Results) -> String {
                 for p in &peers {
                     let cell = match (value(*p), medians.iter().find(|m| m.peer == *p)) {
                         (Some(v), _) => fmt(v),
+                        (None, Some(m)) if m.not_applicable.is_some() && m.runs == 0 => {
+                            "n/a".into()
+                        }
                         (None, Some(m)) if m.error.is_some() && m.runs == 0 => "failed".into(),
                         _ => "–".into(),
                     };
@@ -297,6 +327,22 @@ pub fn markdown(results: &Results) -> String {
                 })
             })
             .collect();
+        let not_applicable: Vec<String> = rows
+            .values()
+            .flatten()
+            .filter(|m| m.runs == 0)
+            .filter_map(|m| {
+                m.not_applicable.as_ref().map(|why| {
+                    format!(
+                        "{} {} {}: {}",
+                        m.peer,
+                        m.point.variant,
+                        m.point.protocol.name(),
+                        why
+                    )
+                })
+            })
+            .collect();
         out.push('\n');
         for name in legend {
             let d = describe(name);
@@ -306,6 +352,9 @@ pub fn markdown(results: &Results) -> String {
         }
         for f in failures {
             let _ = writeln!(out, "- failed: {f}");
+        }
+        for n in not_applicable {
+            let _ = writeln!(out, "- n/a: {n}");
         }
     }
     if !results.skipped.is_empty() {
@@ -339,9 +388,17 @@ pub fn targets(results: &Results) -> String {
     );
     let _ = writeln!(out, "|---|---|---:|---:|---:|:---:|");
     let closed = format!("closed c{}", results.scale.s1_concurrency);
+    let smallest = results.scale.s6_sizes.iter().min().copied().unwrap_or(0);
+    let smallest = crate::runner::size_name(smallest);
     let largest = results.scale.s6_sizes.iter().max().copied().unwrap_or(0);
     let largest = crate::runner::size_name(largest);
-    let rows: Vec<(&str, Scenario, String, Protocol, &str, f64, bool)> = vec![
+    let upload = results.scale.s6_upload_sizes.iter().max().copied();
+    let upload = upload.map(crate::runner::upload_variant);
+    let concurrent = crate::runner::s9_variant(&results.scale);
+    let bound = crate::peers::pnp_window_bound(results.scale.s9_streams) as f64 / 1e6;
+    let concurrent_memory =
+        format!("concurrent bulk memory ≤ windows × streams (added RSS ≤ {bound:.1} MB)");
+    let mut rows: Vec<(&str, Scenario, String, Protocol, &str, f64, bool)> = vec![
         (
             "proxy CPU per unary call ≤ 8 µs",
             S1,
@@ -451,15 +508,62 @@ pub fn targets(results: &Results) -> String {
             true,
         ),
         (
-            "bulk memory bounded by windows (peak RSS, MB)",
+            "bulk memory bounded by windows (peak RSS ≤ 64 MB)",
             S6,
-            largest,
+            largest.clone(),
             Grpc,
             "peak_rss_mb",
             64.0,
             false,
         ),
+        (
+            "bulk memory bounded by windows (peak RSS ≤ 64 MB)",
+            S6,
+            largest.clone(),
+            WebH2,
+            "peak_rss_mb",
+            64.0,
+            false,
+        ),
     ];
+    if let Some(upload) = upload {
+        rows.push((
+            "bulk upload ≥ 3.5 GiB/s per core",
+            S6,
+            upload.clone(),
+            Grpc,
+            "gib_per_cpu_s",
+            3.5,
+            true,
+        ));
+        rows.push((
+            "bulk upload memory bounded by windows (peak RSS ≤ 64 MB)",
+            S6,
+            upload,
+            Grpc,
+            "peak_rss_mb",
+            64.0,
+            false,
+        ));
+    }
+    rows.push((
+        "concurrent bulk ≥ 3.5 GiB/s per core",
+        S9,
+        concurrent.clone(),
+        Grpc,
+        "gib_per_cpu_s",
+        3.5,
+        true,
+    ));
+    rows.push((
+        concurrent_memory.as_str(),
+        S9,
+        concurrent,
+        Grpc,
+        "added_rss_mb",
+        bound,
+        false,
+    ));
     for (label, scenario, variant, protocol, name, limit, higher_is_better) in rows {
         let pnp = metric(results, scenario, &variant, protocol, PeerKind::Pnp, name);
         let envoy = metric(results, scenario, &variant, protocol, PeerKind::Envoy, name);
@@ -501,5 +605,76 @@ pub fn targets(results: &Results) -> String {
             show(envoy)
         );
     }
+    // Flat: the peak at the largest size over the peak at the smallest.
+    if smallest != largest {
+        for protocol in [Grpc, WebH2] {
+            let flat = |peer| {
+                let small = metric(results, S6, &smallest, protocol, peer, "peak_rss_mb")?;
+                let large = metric(results, S6, &largest, protocol, peer, "peak_rss_mb")?;
+                (small > 0.0).then_some(large / small)
+            };
+            let (pnp, envoy) = (flat(PeerKind::Pnp), flat(PeerKind::Envoy));
+            let met = pnp.map_or("–", |v| if v <= 1.1 { "yes" } else { "no" });
+            let ratio = match (pnp, envoy) {
+                (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+                _ => "–".into(),
+            };
+            let show = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.3}"));
+            let _ = writeln!(
+                out,
+                "| bulk memory flat from {smallest} to {largest} (peak RSS ratio ≤ 1.1) | S6 \
+                 {largest} / {smallest} {} `peak_rss_mb` | {} | {} | {ratio} | {met} |",
+                protocol.name(),
+                show(pnp),
+                show(envoy)
+            );
+        }
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runner::Point;
+    use crate::scenarios::Scale;
+
+    #[test]
+    fn not_applicable_points_show_as_n_a_with_the_reason() {
+        let point = Point {
+            scenario: Scenario::S6,
+            variant: "4 GiB − 1".into(),
+            protocol: Protocol::Grpc,
+        };
+        let median = |peer, metrics: &[(&str, f64)], not_applicable: Option<&str>| Median {
+            point: point.clone(),
+            peer,
+            metrics: metrics.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            cdf: Vec::new(),
+            runs: usize::from(not_applicable.is_none()),
+            error: None,
+            not_applicable: not_applicable.map(str::to_owned),
+        };
+        let results = Results {
+            machine: BTreeMap::new(),
+            started_unix: 0,
+            scale: Scale::full(),
+            repeats: 1,
+            skipped: BTreeMap::new(),
+            records: Vec::new(),
+            medians: vec![
+                median(PeerKind::Pnp, &[("peak_rss_mb", 10.0)], None),
+                median(PeerKind::TonicWeb, &[], Some("too big for tonic")),
+            ],
+        };
+        let report = markdown(&results);
+        assert!(
+            report.contains("| 4 GiB − 1 | grpc-h2 | peak_rss_mb | 10.00 | n/a |"),
+            "{report}"
+        );
+        assert!(
+            report.contains("- n/a: tonic-web 4 GiB − 1 grpc-h2: too big for tonic"),
+            "{report}"
+        );
+    }
 }

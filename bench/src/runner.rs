@@ -64,6 +64,9 @@ pub struct Record {
     /// Seconds the point took, idle wait included.
     #[serde(default)]
     pub took_s: f64,
+    /// Why the peer cannot run this point here (the point was not run; reported as `n/a`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_applicable: Option<String>,
 }
 
 /// The median over the repeats of one point at one peer.
@@ -81,6 +84,9 @@ pub struct Median {
     pub runs: usize,
     /// The last error, if any run failed.
     pub error: Option<String>,
+    /// Why the peer cannot run this point here, if it could not (shown as `n/a`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_applicable: Option<String>,
 }
 
 /// A whole run.
@@ -166,6 +172,9 @@ pub fn plan(scale: &Scale, scenarios: &[Scenario], protocols: &[Protocol]) -> Ve
                 for &size in &scale.s6_sizes {
                     add(scenario, size_name(size), &[Grpc, WebH2]);
                 }
+                for &size in &scale.s6_upload_sizes {
+                    add(scenario, upload_variant(size), &[Grpc, WebH2]);
+                }
             }
             Scenario::S7 => add(
                 scenario,
@@ -173,6 +182,7 @@ pub fn plan(scale: &Scale, scenarios: &[Scenario], protocols: &[Protocol]) -> Ve
                 &[Grpc, WebH2],
             ),
             Scenario::S8 => add(scenario, s8_variant(scale), &[Grpc, WebH2]),
+            Scenario::S9 => add(scenario, s9_variant(scale), &[Grpc, WebH2]),
         }
     }
     points
@@ -186,24 +196,118 @@ pub fn s8_variant(scale: &Scale) -> String {
     )
 }
 
-/// `100 MiB`, `1 GiB`.
+/// `16 × 64 MiB`: the concurrent downloads and the size of each.
+pub fn s9_variant(scale: &Scale) -> String {
+    format!("{} × {}", scale.s9_streams, size_name(scale.s9_size))
+}
+
+/// Prefix of the S6 variants that upload (client → upstream) instead of download.
+pub const UPLOAD_PREFIX: &str = "upload ";
+
+/// `upload 1 GiB`: the S6 variant that uploads one `size`-byte message.
+pub fn upload_variant(size: u64) -> String {
+    format!("{UPLOAD_PREFIX}{}", size_name(size))
+}
+
+/// `100 MiB`, `1 GiB`, `4 GiB − 1` (the largest gRPC message), `512 KiB`, `1000 B`.
 pub fn size_name(size: u64) -> String {
-    if size >= 1 << 30 && size.is_multiple_of(1 << 30) {
-        format!("{} GiB", size >> 30)
-    } else {
-        format!("{} MiB", size >> 20)
+    const UNITS: [(u32, &str); 3] = [(30, "GiB"), (20, "MiB"), (10, "KiB")];
+    for (shift, unit) in UNITS {
+        let step = 1u64 << shift;
+        if size >= step && size.is_multiple_of(step) {
+            return format!("{} {unit}", size >> shift);
+        }
+    }
+    for (shift, unit) in UNITS {
+        let step = 1u64 << shift;
+        let next = size + 1;
+        if next >= step && next.is_multiple_of(step) {
+            return format!("{} {unit} − 1", next >> shift);
+        }
+    }
+    format!("{size} B")
+}
+
+/// A size as [`size_name`] writes it or as typed on the command line: a number, an optional
+/// unit (`B`, `KiB`, `MiB`, `GiB`; `k`/`M`/`G` alone mean the binary units), optionally minus a
+/// number of bytes: `100MiB`, `1 GiB`, `4GiB-1`, `4 GiB − 1`, `4294967295`.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (base, minus) = match text.split_once(['-', '−']) {
+        Some((base, minus)) => (base.trim(), minus.trim().parse::<u64>().ok()?),
+        None => (text, 0),
+    };
+    let digits = base
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(base.len());
+    let (number, unit) = base.split_at(digits);
+    let number: u64 = number.parse().ok()?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "k" | "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        _ => return None,
+    };
+    number.checked_mul(1u64 << shift)?.checked_sub(minus)
+}
+
+/// The message size an S6 variant (`100 MiB`, `4 GiB − 1`, `upload 1 GiB`) names.
+pub fn size_of(variant: &str) -> Option<u64> {
+    parse_size(variant.strip_prefix(UPLOAD_PREFIX).unwrap_or(variant))
+}
+
+/// Bytes of bulk messages a point moves at once (S6: its message; S9: all its downloads);
+/// `None` for the other scenarios.
+fn bulk_bytes(point: &Point, scale: &Scale) -> Option<u64> {
+    match point.scenario {
+        Scenario::S6 => size_of(&point.variant),
+        Scenario::S9 => Some(scale.s9_streams as u64 * scale.s9_size),
+        _ => None,
     }
 }
 
-/// The message size a `100 MiB` / `1 GiB` variant names.
-pub fn size_of(variant: &str) -> Option<u64> {
-    let (n, unit) = variant.split_once(' ')?;
-    let n: u64 = n.parse().ok()?;
-    match unit {
-        "GiB" => Some(n << 30),
-        "MiB" => Some(n << 20),
-        _ => None,
+/// Why `peer` cannot run `point` (on this machine), if it cannot; the point is then reported
+/// as `n/a` with the reason instead of being run.
+///
+/// - A reply larger than the peer can send at all ([`PeerKind::largest_reply`]: tonic-web
+///   over 2 GiB − 6 bytes).
+/// - A peer that holds messages whole (tonic-web) needs about twice the bulk bytes in memory
+///   (the service's message and tonic's encode or decode buffer); with less available, the
+///   point is not run rather than driving the machine into swap or the OOM killer.
+fn not_applicable(peer: PeerKind, point: &Point, scale: &Scale) -> Option<String> {
+    let download = point.scenario == Scenario::S6 && !point.variant.starts_with(UPLOAD_PREFIX);
+    if let (true, Some(size), Some(largest)) =
+        (download, size_of(&point.variant), peer.largest_reply())
+    {
+        if size > largest {
+            return Some(format!(
+                "{peer} cannot send a message over {largest} bytes: tonic hands each encoded \
+                 message to hyper's HTTP/2 as one buffer and h2 refuses DATA buffers over \
+                 2^31 − 1 bytes (PayloadTooBig; the stream is reset with CANCEL)"
+            ));
+        }
     }
+    if !peer.holds_whole_messages() {
+        return None;
+    }
+    let need = bulk_bytes(point, scale)?.saturating_mul(2) + (1 << 30);
+    let available = crate::procstat::mem_available_bytes()?;
+    (available < need).then(|| {
+        format!(
+            "{peer} holds each message whole, twice (the message and tonic's codec buffer): \
+             ≈ {:.1} GB needed, {:.1} GB available",
+            need as f64 / 1e9,
+            available as f64 / 1e9
+        )
+    })
+}
+
+/// How long a point may take: 180 s, plus 1 s per 32 MiB of bulk bytes (a 4 GiB − 1 message
+/// at the slowest peer's rate here takes about 15 s).
+fn point_timeout(point: &Point, scale: &Scale) -> Duration {
+    let bulk = bulk_bytes(point, scale).unwrap_or(0);
+    Duration::from_secs(180 + bulk / (32 << 20))
 }
 
 async fn run_point(point: &Point, target: &Target, scale: &Scale) -> anyhow::Result<Sample> {
@@ -220,10 +324,15 @@ async fn run_point(point: &Point, target: &Target, scale: &Scale) -> anyhow::Res
         Scenario::S5 => scenarios::s5_idle(target, scale).await,
         Scenario::S6 => {
             let size = size_of(&point.variant).unwrap_or(1 << 20);
-            scenarios::s6_bulk(target, size).await
+            if point.variant.starts_with(UPLOAD_PREFIX) {
+                scenarios::s6_upload(target, size).await
+            } else {
+                scenarios::s6_bulk(target, size).await
+            }
         }
         Scenario::S7 => scenarios::s7_busy(target, scale).await,
         Scenario::S8 => scenarios::s8_stalled(target, scale).await,
+        Scenario::S9 => scenarios::s9_concurrent(target, scale).await,
     }
 }
 
@@ -270,16 +379,39 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<Results> {
                 .iter()
                 .filter(|p| peer.supports(p.protocol))
                 .collect();
-            // A fresh upstream and peer for each scenario, and for each point of S5, S6 and S8,
-            // so memory one point leaves behind (allocators keep freed pages) is not charged to
-            // the next.
+            // A fresh upstream and peer for each scenario, and for each point of S5, S6, S8 and
+            // S9, so memory one point leaves behind (allocators keep freed pages) is not charged
+            // to the next.
             let mut current: Option<(peers::Peer, peers::Peer)> = None;
             let mut last_scenario = None;
             for point in mine {
                 let fresh = current.is_none()
                     || last_scenario != Some(point.scenario)
-                    || matches!(point.scenario, Scenario::S5 | Scenario::S6 | Scenario::S8);
+                    || matches!(
+                        point.scenario,
+                        Scenario::S5 | Scenario::S6 | Scenario::S8 | Scenario::S9
+                    );
                 last_scenario = Some(point.scenario);
+                if let Some(reason) = not_applicable(peer, point, &options.scale) {
+                    bar.println(format!(
+                        "{peer} {:?} {} {}: n/a: {reason}",
+                        point.scenario,
+                        point.variant,
+                        point.protocol.name()
+                    ));
+                    bar.inc(1);
+                    records.push(Record {
+                        point: point.clone(),
+                        peer,
+                        repeat,
+                        idle: IdleReport::default(),
+                        sample: None,
+                        error: None,
+                        took_s: 0.0,
+                        not_applicable: Some(reason),
+                    });
+                    continue;
+                }
                 if fresh {
                     if let Some((upstream, running)) = current.take() {
                         running.stop().await;
@@ -305,6 +437,7 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<Results> {
                                 sample: None,
                                 error: Some(message),
                                 took_s: 0.0,
+                                not_applicable: None,
                             });
                             continue;
                         }
@@ -327,13 +460,14 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<Results> {
                     protocol: point.protocol,
                     peer_pid: running.pid,
                     upstream_pid: upstream.pid,
+                    peer: Some(peer),
                 };
-                let result = tokio::time::timeout(
-                    Duration::from_secs(180),
-                    run_point(point, &target, &options.scale),
-                )
-                .await
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out after 180 s")));
+                let limit = point_timeout(point, &options.scale);
+                let result = tokio::time::timeout(limit, run_point(point, &target, &options.scale))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(anyhow::anyhow!("timed out after {} s", limit.as_secs()))
+                    });
                 let (sample, error) = match result {
                     Ok(sample) => (Some(sample), None),
                     Err(e) => (None, Some(format!("{e:#}"))),
@@ -354,6 +488,7 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<Results> {
                     sample,
                     error,
                     took_s: point_started.elapsed().as_secs_f64(),
+                    not_applicable: None,
                 });
                 bar.inc(1);
                 // Let closed streams and connections drain before the next point.
@@ -440,6 +575,7 @@ pub fn medians(records: &[Record]) -> Vec<Median> {
                 .unwrap_or_default();
             Median {
                 error: records.iter().rev().find_map(|r| r.error.clone()),
+                not_applicable: records.iter().rev().find_map(|r| r.not_applicable.clone()),
                 runs: ok.len(),
                 point,
                 peer,
@@ -529,4 +665,84 @@ pub fn machine(tools: &Tools) -> BTreeMap<String, String> {
     );
     let _ = m.insert("pinning".into(), pinning);
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_round_trip() {
+        for size in [
+            100 << 20,
+            1 << 30,
+            crate::service::MAX_MESSAGE,
+            64 << 20,
+            512 << 10,
+            1000,
+            (1 << 20) - 1,
+        ] {
+            let name = size_name(size);
+            assert_eq!(size_of(&name), Some(size), "{name}");
+            assert_eq!(
+                size_of(&format!("{UPLOAD_PREFIX}{name}")),
+                Some(size),
+                "{name}"
+            );
+        }
+        assert_eq!(size_name(crate::service::MAX_MESSAGE), "4 GiB − 1");
+        assert_eq!(parse_size("4GiB-1"), Some(crate::service::MAX_MESSAGE));
+        assert_eq!(parse_size("4294967295"), Some(crate::service::MAX_MESSAGE));
+        assert_eq!(parse_size("100MiB"), Some(100 << 20));
+        assert_eq!(parse_size("64M"), Some(64 << 20));
+        assert_eq!(size_of("10000 streams / 10 conns"), None);
+        assert_eq!(size_of("closed c32"), None);
+        assert_eq!(parse_size("1 parsec"), None);
+    }
+
+    #[test]
+    fn tonic_web_cannot_send_4_gib() {
+        let scale = Scale::full();
+        let point = |variant: &str| Point {
+            scenario: Scenario::S6,
+            variant: variant.into(),
+            protocol: Protocol::Grpc,
+        };
+        let largest = size_name(crate::service::MAX_MESSAGE);
+        let why = not_applicable(PeerKind::TonicWeb, &point(&largest), &scale);
+        assert!(why.is_some_and(|w| w.contains("PayloadTooBig")));
+        for peer in [
+            PeerKind::Direct,
+            PeerKind::Pnp,
+            PeerKind::Envoy,
+            PeerKind::Nginx,
+        ] {
+            assert_eq!(
+                not_applicable(peer, &point(&largest), &scale),
+                None,
+                "{peer}"
+            );
+        }
+        // Receiving is not limited that way: a large upload is not ruled out for that reason.
+        let upload = upload_variant(crate::service::MAX_MESSAGE);
+        let why = not_applicable(PeerKind::TonicWeb, &point(&upload), &scale);
+        assert!(!why.is_some_and(|w| w.contains("PayloadTooBig")));
+    }
+
+    #[test]
+    fn plan_has_the_bulk_points() {
+        let scale = Scale::full();
+        let points = plan(&scale, &[Scenario::S6, Scenario::S9], &[Protocol::Grpc]);
+        let variants: Vec<&str> = points.iter().map(|p| p.variant.as_str()).collect();
+        assert_eq!(
+            variants,
+            [
+                "100 MiB",
+                "1 GiB",
+                "4 GiB − 1",
+                "upload 1 GiB",
+                "16 × 64 MiB"
+            ]
+        );
+    }
 }

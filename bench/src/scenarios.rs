@@ -1,4 +1,4 @@
-//! The scenarios S1–S8. Each one drives load at one peer for one protocol and returns its
+//! The scenarios S1–S9. Each one drives load at one peer for one protocol and returns its
 //! numbers; the runner repeats and aggregates them.
 
 use std::collections::BTreeMap;
@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::client::{CallSpec, Channel, Protocol, ResponseStream};
+use crate::peers::PeerKind;
 use crate::procstat::{self, CpuMark};
 use crate::service::{Method, Params};
 use crate::stall::{StallSpec, StalledReaders};
@@ -31,17 +32,19 @@ pub enum Scenario {
     S4,
     /// Many concurrent idle streams: memory per stream, connect time.
     S5,
-    /// Bulk: one huge message.
+    /// Bulk: one huge message per call, downloaded (up to 4 GiB − 1) or uploaded.
     S6,
     /// A new unary call's latency while S2 runs.
     S7,
     /// Unary closed-loop latency without and with stalled readers holding streams open.
     S8,
+    /// Concurrent bulk: many large downloads at once; memory against windows × streams.
+    S9,
 }
 
 impl Scenario {
     /// Every scenario.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::S1,
         Scenario::S2,
         Scenario::S3,
@@ -50,6 +53,7 @@ impl Scenario {
         Scenario::S6,
         Scenario::S7,
         Scenario::S8,
+        Scenario::S9,
     ];
 
     /// A one-line description for tables.
@@ -60,13 +64,14 @@ impl Scenario {
             Scenario::S3 => "S3 unpaced server streaming (64 B messages)",
             Scenario::S4 => "S4 stream churn (open, first message, cancel)",
             Scenario::S5 => "S5 concurrent idle streams",
-            Scenario::S6 => "S6 bulk (one message per call)",
+            Scenario::S6 => "S6 bulk (one message per call; `upload`: client to upstream)",
             Scenario::S7 => "S7 unary latency while S2 runs",
             Scenario::S8 => "S8 stalled readers beside unary load",
+            Scenario::S9 => "S9 concurrent bulk downloads",
         }
     }
 
-    /// Parse `S1`…`S8` (any case).
+    /// Parse `S1`…`S9` (any case).
     pub fn parse(name: &str) -> Option<Self> {
         Self::ALL
             .into_iter()
@@ -101,8 +106,10 @@ pub struct Scale {
     pub s5_connections: usize,
     /// S5 HTTP/1.1 connections (one idle call each).
     pub s5_http1_connections: usize,
-    /// S6 message sizes in bytes.
+    /// S6 message sizes in bytes, downloaded (server → client); up to 4 GiB − 1.
     pub s6_sizes: Vec<u64>,
+    /// S6 message sizes in bytes, uploaded (client → upstream, one message per call).
+    pub s6_upload_sizes: Vec<u64>,
     /// S8 closed-loop unary concurrency (one HTTP/2 connection of its own).
     pub s8_concurrency: usize,
     /// S8 stalled-reader connections.
@@ -115,6 +122,10 @@ pub struct Scale {
     pub s8_deadline: Duration,
     /// S8: a unary call still unanswered after this long is abandoned and counted as failed.
     pub s8_call_timeout: Duration,
+    /// S9 concurrent downloads (spread over `connections` HTTP/2 connections).
+    pub s9_streams: usize,
+    /// S9 size of each download's one message, in bytes.
+    pub s9_size: u64,
 }
 
 impl Default for Scale {
@@ -138,13 +149,16 @@ impl Scale {
             s5_streams: 10_000,
             s5_connections: 10,
             s5_http1_connections: 2000,
-            s6_sizes: vec![100 << 20, 1 << 30],
+            s6_sizes: vec![100 << 20, 1 << 30, crate::service::MAX_MESSAGE],
+            s6_upload_sizes: vec![1 << 30],
             s8_concurrency: 8,
             s8_stall_connections: 8,
             s8_stall_streams: 8,
             s8_reply_bytes: 2 << 20,
             s8_deadline: Duration::from_secs(2),
             s8_call_timeout: Duration::from_secs(5),
+            s9_streams: 16,
+            s9_size: 64 << 20,
         }
     }
 
@@ -162,13 +176,18 @@ impl Scale {
             s5_streams: 100,
             s5_connections: 2,
             s5_http1_connections: 20,
-            s6_sizes: vec![1 << 20, 4 << 20],
+            // 5 MiB: over the 4 MiB defaults of pnp's and tonic's message limits, so the smoke
+            // test shows the bench raises both.
+            s6_sizes: vec![1 << 20, 5 << 20],
+            s6_upload_sizes: vec![5 << 20],
             s8_concurrency: 2,
             s8_stall_connections: 2,
             s8_stall_streams: 4,
             s8_reply_bytes: 2 << 20,
             s8_deadline: Duration::from_millis(200),
             s8_call_timeout: Duration::from_millis(500),
+            s9_streams: 4,
+            s9_size: 1 << 20,
         }
     }
 }
@@ -184,6 +203,8 @@ pub struct Target {
     pub peer_pid: Option<u32>,
     /// The upstream's process, when it is separate from the peer.
     pub upstream_pid: Option<u32>,
+    /// Which peer it is, when known (the windows it holds bulk data in depend on it).
+    pub peer: Option<PeerKind>,
 }
 
 /// The numbers of one run of one point.
@@ -796,17 +817,11 @@ pub async fn s5_idle(target: &Target, scale: &Scale) -> anyhow::Result<Sample> {
     Ok(sample)
 }
 
-/// S6: one call whose reply is one `size`-byte message.
+/// S6: one call whose reply is one `size`-byte message (up to 4 GiB − 1). The upstream writes
+/// it from a shared chunk and the client scans it as it arrives, so neither holds it whole.
 pub async fn s6_bulk(target: &Target, size: u64) -> anyhow::Result<Sample> {
     let mut channel = Channel::connect(target.addr, target.protocol).await?;
-    let spec = CallSpec::stream(
-        Method::Bulk,
-        Params {
-            count: 1,
-            size,
-            interval_us: 0,
-        },
-    );
+    let spec = bulk_spec(size);
     let meter = Meter::start(target);
     let t0 = Instant::now();
     let mut stream = channel.start(&spec).await?;
@@ -822,16 +837,121 @@ pub async fn s6_bulk(target: &Target, size: u64) -> anyhow::Result<Sample> {
         );
     }
     let mut sample = Sample::default();
-    meter.finish(&mut sample, size as f64 / (1u64 << 30) as f64);
-    let gib = size as f64 / (1u64 << 30) as f64;
+    bulk_figures(&mut sample, &meter, target, size, 1, wall);
+    Ok(sample)
+}
+
+/// S6 upload: one client-streaming call whose request is one `size`-byte message, streamed by
+/// the client from a shared chunk as the windows allow and scanned by the upstream as it
+/// arrives; the upstream answers with the length it received.
+pub async fn s6_upload(target: &Target, size: u64) -> anyhow::Result<Sample> {
+    let mut channel = Channel::connect(target.addr, target.protocol).await?;
+    let meter = Meter::start(target);
+    let t0 = Instant::now();
+    let acknowledged = channel.upload(size).await?;
+    let wall = t0.elapsed().as_secs_f64();
+    if acknowledged != size {
+        bail!("upload of {size} bytes: the upstream received {acknowledged}");
+    }
+    let mut sample = Sample::default();
+    bulk_figures(&mut sample, &meter, target, size, 1, wall);
+    Ok(sample)
+}
+
+/// S9: `s9_streams` downloads of one `s9_size`-byte message each, all at once, spread over
+/// `connections` HTTP/2 connections (HTTP/1.1: one connection each). Reports aggregate GiB/s
+/// (all bytes over the wall time until the last one ends), GiB per peer CPU-second, peak RSS,
+/// RSS added over the RSS before, and pnp's flow-control bound for that many streams.
+pub async fn s9_concurrent(target: &Target, scale: &Scale) -> anyhow::Result<Sample> {
+    let streams = scale.s9_streams.max(1);
+    let size = scale.s9_size;
+    let channels = channels(target, streams, scale.connections).await?;
+    // Let the connections settle, then the baseline.
+    tokio::time::sleep(scale.warmup.min(Duration::from_millis(200))).await;
+    let rss_before = target.peer_pid.and_then(procstat::rss_bytes);
+    let spec = bulk_spec(size);
+    let meter = Meter::start(target);
+    let t0 = Instant::now();
+    let mut calls = JoinSet::new();
+    for mut channel in channels {
+        calls.spawn(async move {
+            let mut stream = channel.start(&spec).await?;
+            let mut received = 0;
+            while let Some(message) = stream.next().await? {
+                received += message.len;
+            }
+            if stream.status() != Some(0) || received != size {
+                bail!(
+                    "bulk call of {size} bytes ended with status {:?} after {received} bytes",
+                    stream.status()
+                );
+            }
+            Ok::<_, anyhow::Error>(t0.elapsed())
+        });
+    }
+    let mut took = Vec::with_capacity(streams);
+    let mut failure = None;
+    while let Some(joined) = calls.join_next().await {
+        match joined? {
+            Ok(t) => took.push(t),
+            Err(e) => failure = Some(e),
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    if let Some(e) = failure {
+        return Err(e.context(format!(
+            "{} of {streams} concurrent downloads failed",
+            streams - took.len()
+        )));
+    }
+    took.sort();
+    let mut sample = Sample::default();
+    bulk_figures(&mut sample, &meter, target, size, streams, wall);
+    if let (Some(first), Some(last)) = (took.first(), took.last()) {
+        sample.set("first_done_s", first.as_secs_f64());
+        sample.set("last_done_s", last.as_secs_f64());
+    }
+    if let (Some(before), Some(peak)) = (rss_before, sample.metrics.get("peak_rss_mb").copied()) {
+        sample.set("rss_before_mb", before as f64 / 1e6);
+        sample.set("added_rss_mb", peak - before as f64 / 1e6);
+    }
+    Ok(sample)
+}
+
+/// A [`Method::Bulk`] call of one `size`-byte message.
+fn bulk_spec(size: u64) -> CallSpec {
+    CallSpec::stream(
+        Method::Bulk,
+        Params {
+            count: 1,
+            size,
+            interval_us: 0,
+        },
+    )
+}
+
+/// The figures of S6 and S9: `streams` messages of `size` bytes moved in `wall` seconds.
+fn bulk_figures(
+    sample: &mut Sample,
+    meter: &Meter,
+    target: &Target,
+    size: u64,
+    streams: usize,
+    wall: f64,
+) {
+    let gib = (size as f64 * streams as f64) / (1u64 << 30) as f64;
+    meter.finish(sample, gib);
     sample.set("size_mb", size as f64 / 1e6);
+    sample.set("streams", streams as f64);
     sample.set("gib_per_s", gib / wall);
     if let Some(cpu) = sample.metrics.get("cpu_s").copied() {
         if cpu > 0.0 {
             sample.set("gib_per_cpu_s", gib / cpu);
         }
     }
-    Ok(sample)
+    if let Some(bound) = target.peer.and_then(|p| p.window_bound(streams)) {
+        sample.set("window_bound_mb", bound as f64 / 1e6);
+    }
 }
 
 /// S7: while `s2_streams` paced streams run, new unary calls one at a time on a fresh

@@ -19,8 +19,14 @@ pub const UNARY: &str = "/bench.Bench/Unary";
 pub const TOKENS: &str = "/bench.Bench/Tokens";
 /// One message, then the stream stays open and silent until the client resets it.
 pub const IDLE: &str = "/bench.Bench/Idle";
-/// One message of `x-bench-size` bytes, written from a shared 1 MiB chunk without copying.
+/// One message of `x-bench-size` bytes (up to 4 GiB − 1), written as its 5-byte header and
+/// then slices of a shared 1 MiB chunk: nothing is copied and nothing is held whole.
 pub const BULK: &str = "/bench.Bench/Bulk";
+/// Client streaming upload: the request is one message of `x-bench-size` bytes, which the
+/// upstream scans as it arrives without keeping it; the reply is one 8-byte message, the
+/// payload length it received (u64, little endian). A request of any other shape than one
+/// message ends with INVALID_ARGUMENT.
+pub const UPLOAD: &str = "/bench.Bench/Upload";
 
 /// Header: number of messages.
 pub const COUNT: &str = "x-bench-count";
@@ -44,12 +50,29 @@ pub const CONNECTION_WINDOW: u32 = 4 << 20;
 /// Smallest message an unpaced stream writes from [`BULK_BYTES`] rather than in a batch.
 pub const LARGE_MESSAGE: usize = 16 << 10;
 
-/// The 5-byte header of an uncompressed `len`-byte gRPC message.
-pub fn frame_header(len: usize) -> Bytes {
+/// Largest gRPC message: the frame header's length field is a u32.
+pub const MAX_MESSAGE: u64 = u32::MAX as u64;
+
+/// The 5-byte header of an uncompressed `len`-byte gRPC message (`len` ≤ [`MAX_MESSAGE`]).
+pub fn frame_header(len: u64) -> Bytes {
     let mut out = BytesMut::with_capacity(5);
     out.put_u8(0);
-    out.put_u32(len as u32);
+    out.put_u32(len.min(MAX_MESSAGE) as u32);
     out.freeze()
+}
+
+/// The `len`-byte payload of a bulk message as slices of [`BULK_BYTES`], in order: what the
+/// upstream writes after [`frame_header`] for [`BULK`] and the load client for [`UPLOAD`].
+pub fn bulk_chunks(len: u64) -> impl Iterator<Item = Bytes> {
+    let mut left = len;
+    std::iter::from_fn(move || {
+        if left == 0 {
+            return None;
+        }
+        let n = left.min(BULK_CHUNK as u64);
+        left -= n;
+        Some(BULK_BYTES.slice(..n as usize))
+    })
 }
 
 /// A gRPC frame: the 5-byte header and `payload`.
@@ -147,6 +170,8 @@ pub enum Method {
     Idle,
     /// [`BULK`].
     Bulk,
+    /// [`UPLOAD`].
+    Upload,
 }
 
 impl Method {
@@ -157,6 +182,7 @@ impl Method {
             TOKENS => Some(Self::Tokens),
             IDLE => Some(Self::Idle),
             BULK => Some(Self::Bulk),
+            UPLOAD => Some(Self::Upload),
             _ => None,
         }
     }
@@ -168,6 +194,7 @@ impl Method {
             Self::Tokens => TOKENS,
             Self::Idle => IDLE,
             Self::Bulk => BULK,
+            Self::Upload => UPLOAD,
         }
     }
 }

@@ -78,6 +78,22 @@ impl UnaryService<Bytes> for Unary {
     }
 }
 
+/// [`Method::Upload`]: the whole request message arrives in memory (tonic decodes messages
+/// whole); the reply is its length.
+struct Upload;
+
+impl UnaryService<Bytes> for Upload {
+    type Response = Bytes;
+    type Future = std::future::Ready<Result<tonic::Response<Bytes>, Status>>;
+
+    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
+        let len = request.into_inner().len() as u64;
+        std::future::ready(Ok(tonic::Response::new(Bytes::copy_from_slice(
+            &len.to_le_bytes(),
+        ))))
+    }
+}
+
 struct Streaming(Method);
 
 impl ServerStreamingService<Bytes> for Streaming {
@@ -101,7 +117,7 @@ impl ServerStreamingService<Bytes> for Streaming {
             Method::Idle => stream::once(std::future::ready(Ok(Bytes::new())))
                 .chain(stream::pending())
                 .boxed(),
-            Method::Bulk | Method::Unary => {
+            Method::Bulk | Method::Unary | Method::Upload => {
                 let size = params.size as usize;
                 let mut message = bytes::BytesMut::with_capacity(size);
                 while message.len() < size {
@@ -142,9 +158,14 @@ impl tower::Service<http::Request<tonic::body::Body>> for BenchService {
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let method = Method::from_path(request.uri().path());
         Box::pin(async move {
-            let mut grpc = Grpc::new(BytesCodec);
+            // tonic's limits are raised to the gRPC frame's (4 GiB − 1) so that S6 measures
+            // how tonic carries large messages rather than stopping at its 4 MiB default.
+            let mut grpc = Grpc::new(BytesCodec)
+                .max_decoding_message_size(service::MAX_MESSAGE as usize)
+                .max_encoding_message_size(service::MAX_MESSAGE as usize);
             Ok(match method {
                 Some(Method::Unary) => grpc.unary(Unary, request).await,
+                Some(Method::Upload) => grpc.unary(Upload, request).await,
                 Some(method) => grpc.server_streaming(Streaming(method), request).await,
                 None => Status::unimplemented("no such bench method").into_http(),
             })

@@ -16,6 +16,7 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+use crate::frames::{FrameEvent, FrameScanner};
 use crate::service::{self, Method, Params};
 
 /// A running upstream.
@@ -109,9 +110,14 @@ async fn handle(
     let method = Method::from_path(request.uri().path());
     let params = Params::from_headers(request.headers());
     let mut body = request.into_body();
+    // An upload's request is scanned as it arrives (never kept); other requests are drained.
+    let mut upload = (method == Some(Method::Upload)).then(Received::default);
     while let Some(chunk) = body.data().await {
         let chunk = chunk?;
         let _ = body.flow_control().release_capacity(chunk.len());
+        if let Some(upload) = upload.as_mut() {
+            upload.push(&chunk);
+        }
     }
     let mut head = Response::new(());
     head.headers_mut()
@@ -136,17 +142,53 @@ async fn handle(
             let _ = poll_fn(|cx| send.poll_reset(cx)).await;
             return Ok(());
         }
-        Method::Bulk => {
-            send_flow(&mut send, service::frame_header(params.size as usize)).await?;
-            let mut left = params.size as usize;
-            while left > 0 {
-                let n = left.min(service::BULK_CHUNK);
-                send_flow(&mut send, service::BULK_BYTES.slice(..n)).await?;
-                left -= n;
-            }
+        Method::Bulk => send_message(&mut send, params.size).await?,
+        Method::Upload => {
+            let upload = upload.unwrap_or_default();
+            let Some(len) = upload.one_message() else {
+                // INVALID_ARGUMENT: not exactly one whole message.
+                send.send_trailers(trailers(3))?;
+                return Ok(());
+            };
+            send.send_data(service::frame(&len.to_le_bytes()), false)?;
         }
     }
     send.send_trailers(trailers(0))?;
+    Ok(())
+}
+
+/// What an upload's request held, counted by a [`FrameScanner`] as it arrived.
+#[derive(Debug, Default)]
+struct Received {
+    scanner: FrameScanner,
+    messages: u64,
+    payload: u64,
+}
+
+impl Received {
+    fn push(&mut self, chunk: &[u8]) {
+        let (messages, payload) = (&mut self.messages, &mut self.payload);
+        self.scanner.push(chunk, |event| {
+            if let FrameEvent::Message { len, .. } = event {
+                *messages += 1;
+                *payload += len;
+            }
+        });
+    }
+
+    /// The payload length, if the request was exactly one whole message.
+    fn one_message(&self) -> Option<u64> {
+        (self.messages == 1 && !self.scanner.in_frame()).then_some(self.payload)
+    }
+}
+
+/// Write one `size`-byte message (up to 4 GiB − 1) as its header and then slices of the shared
+/// bulk chunk, each as the peer's window allows: nothing is copied, nothing is held whole.
+pub async fn send_message(send: &mut SendStream<Bytes>, size: u64) -> Result<(), h2::Error> {
+    send_flow(send, service::frame_header(size)).await?;
+    for chunk in service::bulk_chunks(size) {
+        send_flow(send, chunk).await?;
+    }
     Ok(())
 }
 
@@ -174,7 +216,7 @@ async fn paced(send: &mut SendStream<Bytes>, params: Params) -> Result<(), h2::E
 async fn unpaced(send: &mut SendStream<Bytes>, params: Params) -> Result<(), h2::Error> {
     let size = params.size as usize;
     if (service::LARGE_MESSAGE..=service::BULK_CHUNK).contains(&size) {
-        let header = service::frame_header(size);
+        let header = service::frame_header(size as u64);
         let mut sent = 0;
         while params.count == 0 || sent < params.count {
             send_flow(send, header.clone()).await?;
@@ -201,7 +243,7 @@ async fn unpaced(send: &mut SendStream<Bytes>, params: Params) -> Result<(), h2:
 }
 
 /// Send `data` without queueing more than the peer's window allows.
-async fn send_flow(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), h2::Error> {
+pub async fn send_flow(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), h2::Error> {
     while !data.is_empty() {
         send.reserve_capacity(data.len());
         let capacity = match poll_fn(|cx| send.poll_capacity(cx)).await {

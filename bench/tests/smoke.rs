@@ -89,7 +89,20 @@ async fn every_scenario_runs_against_pnp() {
                 };
                 assert_eq!(get("streams"), expected as f64, "{what}");
             }
-            Scenario::S6 => assert!(get("gib_per_s") > 0.0, "{what}"),
+            Scenario::S6 => {
+                assert!(get("gib_per_s") > 0.0, "{what}");
+                assert_eq!(get("streams"), 1.0, "{what}");
+                let size = pnp_bench::runner::size_of(&m.point.variant).expect("a size");
+                assert_eq!(get("size_mb"), size as f64 / 1e6, "{what}");
+            }
+            Scenario::S9 => {
+                assert!(get("gib_per_s") > 0.0, "{what}");
+                assert_eq!(get("streams"), scale.s9_streams as f64, "{what}");
+                if m.peer == PeerKind::Pnp {
+                    let bound = pnp_bench::peers::pnp_window_bound(scale.s9_streams);
+                    assert_eq!(get("window_bound_mb"), bound as f64 / 1e6, "{what}");
+                }
+            }
             // Only that it ran: whether stalls cost the unary calls anything is what the
             // benchmark measures, not what the smoke test asserts.
             Scenario::S8 => {
@@ -114,9 +127,27 @@ async fn every_scenario_runs_against_pnp() {
         }
     }
 
+    // S6 uploads as well as downloads, over both protocols that carry them.
+    for protocol in [Protocol::Grpc, Protocol::WebH2] {
+        let upload = pnp_bench::runner::upload_variant(scale.s6_upload_sizes[0]);
+        assert!(
+            results.medians.iter().any(|m| m.peer == PeerKind::Pnp
+                && m.point.variant == upload
+                && m.point.protocol == protocol
+                && m.runs == 1),
+            "pnp {upload} {protocol:?} missing"
+        );
+    }
+
     let report = pnp_bench::report::markdown(&results);
     assert!(report.contains("### S1 unary 100 B"), "{report}");
+    assert!(report.contains("### S9 concurrent bulk"), "{report}");
+    assert!(report.contains("| upload 5 MiB | grpc-h2 |"), "{report}");
     let plots = pnp_bench::plot::all(&results, &workdir).expect("plots");
     assert!(plots.iter().any(|p| p == "cpu-per-op.svg"), "{plots:?}");
+    assert!(
+        plots.iter().any(|p| p == "concurrent-bulk.svg"),
+        "{plots:?}"
+    );
     let _ = std::fs::remove_dir_all(&workdir);
 }
