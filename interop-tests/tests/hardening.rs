@@ -413,6 +413,7 @@ async fn an_early_status_reaches_an_http1_client_still_sending_its_body() {
 
 /// Runs `silent_clients.py` and returns it once it reports its connections open.
 struct SilentClients {
+    count: usize,
     child: tokio::process::Child,
     lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
@@ -435,7 +436,29 @@ impl SilentClients {
         let mut lines = BufReader::new(stdout).lines();
         let ready = lines.next_line().await.expect("read").expect("a line");
         assert_eq!(ready, format!("ready {count}"));
-        Self { child, lines }
+        Self {
+            count,
+            child,
+            lines,
+        }
+    }
+
+    /// Every connection was closed by pnp's handshake timer, the last within `bound`, and
+    /// counted as such.
+    async fn assert_closed_by_the_handshake_timer(self, stack: &Stack, bound: Duration) {
+        let count = self.count;
+        let (closed, latest) = self.closed().await;
+        assert_eq!(closed, count, "every connection is closed");
+        assert!(latest < bound, "the last closed after {latest:?}");
+        let text = metrics(stack).await;
+        assert_eq!(
+            sample(
+                &text,
+                "pnp_connections_refused_total{reason=\"handshake_timeout\"}"
+            ),
+            Some(count as f64),
+            "{text}"
+        );
     }
 
     /// How many the server closed, and the latest close after `ready`.
@@ -476,21 +499,9 @@ async fn ten_thousand_silent_connections_are_closed_by_their_timer() {
             reply.grpc_message()
         );
     }
-    let (closed, latest) = silent.closed().await;
-    assert_eq!(closed, 10_000, "every silent connection is closed");
-    assert!(
-        latest < Duration::from_secs(10),
-        "the last closed after {latest:?}"
-    );
-    let text = metrics(&stack).await;
-    assert_eq!(
-        sample(
-            &text,
-            "pnp_connections_refused_total{reason=\"handshake_timeout\"}"
-        ),
-        Some(10_000.0),
-        "{text}"
-    );
+    silent
+        .assert_closed_by_the_handshake_timer(&stack, Duration::from_secs(10))
+        .await;
 }
 
 /// 1 000 TLS handshakes that stop half-way do not stop a normal TLS client, and are closed by
@@ -535,21 +546,8 @@ async fn half_sent_tls_handshakes_are_closed_by_their_timer() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
 
-    let (closed, latest) = half.closed().await;
-    assert_eq!(closed, 1_000);
-    assert!(
-        latest < Duration::from_secs(8),
-        "the last closed after {latest:?}"
-    );
-    let text = metrics(&stack).await;
-    assert_eq!(
-        sample(
-            &text,
-            "pnp_connections_refused_total{reason=\"handshake_timeout\"}"
-        ),
-        Some(1_000.0),
-        "{text}"
-    );
+    half.assert_closed_by_the_handshake_timer(&stack, Duration::from_secs(8))
+        .await;
 }
 
 /// An EmptyCall over an existing raw HTTP/2 connection; asserts an OK status.
