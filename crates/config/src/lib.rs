@@ -104,7 +104,7 @@ pub struct Upstream {
     pub ca: Option<PathBuf>,
     /// How long to wait for a TCP (and TLS) connection to the upstream.
     pub connect_timeout: Duration,
-    /// HTTP/2 connections to the upstream; each call goes on the least busy one.
+    /// HTTP/2 connections to the upstream, filled in order: 100 calls on one, then the next.
     pub connections: usize,
     /// HTTP/2 receive window per upstream stream: the most a stalled client's call can hold
     /// in pnp from the upstream (the connection window never binds before the streams' do).

@@ -1,8 +1,8 @@
 //! gRPC over HTTP/2 to an upstream, cleartext (h2c prior knowledge) or TLS (ALPN `h2`).
 //!
-//! Calls are spread over a small pool of connections (each call on the one with the fewest calls
-//! in flight), so load spreads behind L4 balancers and past the upstream's
-//! MAX_CONCURRENT_STREAMS. Flow control isolates calls: each stream's receive window bounds what
+//! Calls go over a small pool of connections, filled in order (100 calls each, then the next),
+//! so load spreads behind L4 balancers and past the upstream's MAX_CONCURRENT_STREAMS once it
+//! is high, and stays on one connection (one write for many calls' frames) while it is not. Flow control isolates calls: each stream's receive window bounds what
 //! one call can hold unread in pnp, and the connection window is as large as HTTP/2 allows, so
 //! streams whose clients stopped reading never exhaust it for the others. Requests carry
 //! `te: trailers` and the remaining deadline as `grpc-timeout` (PROTOCOL-HTTP2.md "Requests").
@@ -59,6 +59,10 @@ pub struct Http2Options {
     /// Receive window per stream: the most one call holds unread from the upstream.
     pub stream_window: u32,
 }
+
+/// Calls a pooled connection takes before new calls spill over to the next one (the common
+/// default of servers' MAX_CONCURRENT_STREAMS).
+const STREAMS_PER_CONNECTION: usize = 100;
 
 /// The connection receive window: HTTP/2's maximum (RFC 9113 §6.9.1), so only stream windows
 /// ever bind. With the default 1 MiB stream window it takes 2048 stalled streams on one
@@ -194,13 +198,20 @@ impl Http2Transport {
         })
     }
 
-    /// The pooled connection with the fewest calls in flight (the first of equals, so a lightly
-    /// used upstream keeps to one connection).
-    fn least_busy(&self) -> &PooledClient {
+    /// The connection for a new call: the first one with fewer than
+    /// [`STREAMS_PER_CONNECTION`] calls in flight, else the least busy. Filling connections in
+    /// order keeps a modest load on one connection, where h2 batches the frames of many calls
+    /// into one write (spreading 32 calls over 4 connections cost 3 µs of CPU per call in S1);
+    /// above that, calls spill over to the next connections, past the upstream's
+    /// MAX_CONCURRENT_STREAMS and across the backends of an L4 balancer.
+    fn pick(&self) -> &PooledClient {
         let mut best = &self.pool[0];
-        let mut best_load = best.in_flight.load(Ordering::Acquire);
-        for pooled in self.pool.iter().skip(1) {
+        let mut best_load = usize::MAX;
+        for pooled in self.pool.iter() {
             let load = pooled.in_flight.load(Ordering::Acquire);
+            if load < STREAMS_PER_CONNECTION {
+                return pooled;
+            }
             if load < best_load {
                 best = pooled;
                 best_load = load;
@@ -264,7 +275,7 @@ impl tower::Service<Call> for Http2Transport {
     fn call(&mut self, call: Call) -> Self::Future {
         let max = call.head.max_message_size;
         let request = self.request(call);
-        let pooled = self.least_busy();
+        let pooled = self.pick();
         pooled.in_flight.fetch_add(1, Ordering::AcqRel);
         let in_flight = InFlight(pooled.in_flight.clone());
         let client = pooled.client.clone();
