@@ -227,6 +227,7 @@ impl Inner {
         // must get to read that answer (not EPIPE), so the body is drained, not dropped.
         let mut body = Unread(Some(body));
         let client_reset = parts.extensions.remove::<ClientReset>();
+        let peer = parts.extensions.get::<PeerAddr>().copied();
         if let Some(page) = site::serve(&parts) {
             return page;
         }
@@ -240,8 +241,7 @@ impl Inner {
         let mut metadata = parts.headers;
         strip_request_headers(&mut metadata);
         let job = self.edge.take_job(&mut metadata);
-        self.edge
-            .forward_for(&mut metadata, parts.extensions.get::<PeerAddr>());
+        self.edge.forward_for(&mut metadata, peer.as_ref());
         let path: http::uri::PathAndQuery = match parts.uri.path().parse() {
             Ok(path) => path,
             Err(_) => {
@@ -287,7 +287,7 @@ impl Inner {
         if let Some(limit) = policy.max_message_size {
             head.max_message_size = limit;
         }
-        let client = parts.extensions.get::<PeerAddr>().map(|peer| peer.0.ip());
+        let client = peer.map(|PeerAddr(addr)| addr.ip());
         let degrade = match self.admission.admit(policy.degradable, client) {
             Admitted::Yes { permit, degrade } => {
                 observer.permit = Some(permit);
