@@ -135,9 +135,9 @@ impl CallClocks {
         }
     }
 
-    /// A response message went out now.
-    fn on_response_message(&mut self) {
-        self.stream.on_message(Instant::now(), Direction::Response);
+    /// A response message went out at `now`.
+    fn on_response_message(&mut self, now: Instant) {
+        self.stream.on_message(now, Direction::Response);
     }
 
     /// Checked when a timer fires: the status that ends the call if a clock ran out at `now`
@@ -225,9 +225,9 @@ pub(crate) struct Observer {
 }
 
 impl Observer {
-    /// A response message went out.
-    fn message(&mut self, bytes: usize) {
-        let seq = self.recorder.response_message(bytes);
+    /// A response message went out at `now`.
+    fn message(&mut self, bytes: usize, now: Instant) {
+        let seq = self.recorder.response_message_at(bytes, now);
         tracing::trace!(parent: &self.span, seq, bytes, "response message");
     }
 
@@ -448,16 +448,18 @@ impl Streaming {
         self.queue.push_back(Ok(self.encoding.status(status)));
     }
 
-    /// A message, head or fragment leaves: count it, reset the clocks, encode it.
-    fn deliver(&mut self, item: ReplyItem) -> FrameBuf {
-        self.clocks.on_response_message();
+    /// A message, head or fragment leaves at `now`: count it, reset the clocks, encode it.
+    /// One reading of the clock serves a whole burst (reading it costs as much as the rest of
+    /// a small message's way through pnp on this kind of VM).
+    fn deliver(&mut self, item: ReplyItem, now: Instant) -> FrameBuf {
+        self.clocks.on_response_message(now);
         let frame = match item {
             ReplyItem::Message(message) => {
-                self.observer.message(message.data.len());
+                self.observer.message(message.data.len(), now);
                 FrameBuf::message(message.compressed, message.data)
             }
             ReplyItem::Head { compressed, len } => {
-                self.observer.message(0);
+                self.observer.message(0, now);
                 FrameBuf::head(compressed, len)
             }
             ReplyItem::Fragment { data, .. } => {
@@ -475,7 +477,7 @@ impl Streaming {
     /// message costs a frame header and a write each, and h2 >= 0.4.17 clients (tonic) answer
     /// a pile-up of unread small DATA frames with GOAWAY ENHANCE_YOUR_CALM. A status that
     /// arrives in the burst waits in the queue.
-    fn coalesce(&mut self, first: FrameBuf, cx: &mut Context<'_>) -> FrameBuf {
+    fn coalesce(&mut self, first: FrameBuf, now: Instant, cx: &mut Context<'_>) -> FrameBuf {
         use bytes::Buf as _;
         if first.remaining() >= COALESCE_LIMIT {
             return first;
@@ -495,7 +497,7 @@ impl Streaming {
                     break;
                 }
                 GuardEvent::Deliver(item) => {
-                    let next = self.deliver(item);
+                    let next = self.deliver(item, now);
                     if next.remaining() >= COALESCE_LIMIT {
                         // A large fragment goes out as it is, after the batch, never copied.
                         self.queue.push_back(Ok(Frame::data(next)));
@@ -549,7 +551,8 @@ impl Streaming {
             }
             GuardEvent::Deliver(item) => {
                 let whole = matches!(item, ReplyItem::Message(_));
-                let frame = self.deliver(item);
+                let now = Instant::now();
+                let frame = self.deliver(item, now);
                 if !whole {
                     // A large message is never buffered whole: a degraded call streams again
                     // from here, after what it had gathered.
@@ -564,7 +567,7 @@ impl Streaming {
                     }
                 }
                 match self.buffer.as_mut() {
-                    None => Poll::Ready(Some(Ok(Frame::data(self.coalesce(frame, cx))))),
+                    None => Poll::Ready(Some(Ok(Frame::data(self.coalesce(frame, now, cx))))),
                     Some(buffer) => {
                         // Degraded: keep it for the single reply, and look for the next item.
                         if !self.held.try_grow(bytes::Buf::remaining(&frame)) {

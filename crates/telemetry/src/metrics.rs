@@ -338,23 +338,20 @@ impl Metrics {
     }
 
     /// Start recording a call on `path` (`/pkg.Service/Method`) for `job` over `transport`.
+    ///
+    /// The series a call touches on every message (flow counters, the active-streams gauge) are
+    /// looked up here once; the per-method histograms on the first response message.
     pub fn call(&self, path: &str, job: Option<&str>, transport: &'static str) -> CallRecorder {
         let inner = &self.inner;
-        inner
+        let active = inner
             .active_streams
             .get_or_create(&TransportLabels { transport })
-            .inc();
-        let flow = |direction| {
-            let labels = FlowLabels {
-                direction,
-                transport,
-            };
-            (
-                inner.messages.get_or_create(&labels).clone(),
-                inner.bytes.get_or_create(&labels).clone(),
-            )
+            .clone();
+        active.inc();
+        let labels = FlowLabels {
+            direction: Direction::Response,
+            transport,
         };
-        let (messages_out, bytes_out) = flow(Direction::Response);
         CallRecorder {
             metrics: self.clone(),
             path: path.into(),
@@ -365,8 +362,10 @@ impl Metrics {
             last_message: None,
             messages: 0,
             finished: false,
-            messages_out,
-            bytes_out,
+            messages_out: inner.messages.get_or_create(&labels).clone(),
+            bytes_out: inner.bytes.get_or_create(&labels).clone(),
+            active,
+            message_gap: None,
         }
     }
 
@@ -492,6 +491,10 @@ pub struct CallRecorder {
     finished: bool,
     messages_out: Counter,
     bytes_out: Counter,
+    /// This call's series of `pnp_active_streams`.
+    active: Gauge,
+    /// This call's series of the inter-message gap histogram, once a message went out.
+    message_gap: Option<Histogram>,
 }
 
 impl CallRecorder {
@@ -517,29 +520,28 @@ impl CallRecorder {
     /// A response message of `bytes` payload bytes was sent to the client. Returns its
     /// sequence number (0 for the first).
     pub fn response_message(&mut self, bytes: usize) -> u64 {
-        let now = Instant::now();
+        self.response_message_at(bytes, Instant::now())
+    }
+
+    /// [`response_message`](Self::response_message) with the time it went out, for a caller
+    /// that read the clock once for a burst of messages.
+    pub fn response_message_at(&mut self, bytes: usize, now: Instant) -> u64 {
         self.messages_out.inc();
         self.bytes_out.inc_by(bytes as u64);
-        let labels = MethodLabels {
-            method: self.method(true),
-            job: self.job.clone(),
-        };
-        let since = match self.last_message {
-            None => {
-                let family = &self.metrics.inner.first_message;
-                family
+        match (self.last_message, &self.message_gap) {
+            (Some(last), Some(gap)) => gap.observe(now.duration_since(last).as_secs_f64()),
+            _ => {
+                let labels = MethodLabels {
+                    method: self.method(true),
+                    job: self.job.clone(),
+                };
+                let inner = &self.metrics.inner;
+                inner
+                    .first_message
                     .get_or_create(&labels)
                     .observe(now.duration_since(self.start).as_secs_f64());
-                None
+                self.message_gap = Some(inner.message_gap.get_or_create(&labels).clone());
             }
-            Some(last) => Some(now.duration_since(last)),
-        };
-        if let Some(gap) = since {
-            self.metrics
-                .inner
-                .message_gap
-                .get_or_create(&labels)
-                .observe(gap.as_secs_f64());
         }
         self.last_message = Some(now);
         let seq = self.messages;
@@ -583,12 +585,7 @@ impl CallRecorder {
                 transport: self.transport,
             })
             .observe(self.start.elapsed().as_secs_f64());
-        inner
-            .active_streams
-            .get_or_create(&TransportLabels {
-                transport: self.transport,
-            })
-            .dec();
+        self.active.dec();
     }
 }
 
