@@ -478,7 +478,7 @@ impl Streaming {
     /// a pile-up of unread small DATA frames with GOAWAY ENHANCE_YOUR_CALM. A status that
     /// arrives in the burst waits in the queue.
     fn coalesce(&mut self, first: FrameBuf, now: Instant, cx: &mut Context<'_>) -> FrameBuf {
-        use bytes::Buf as _;
+        use bytes::{Buf as _, BufMut as _};
         if first.remaining() >= COALESCE_LIMIT {
             return first;
         }
@@ -505,10 +505,10 @@ impl Streaming {
                     }
                     let batch = batch.get_or_insert_with(|| {
                         let mut b = BytesMut::with_capacity(COALESCE_LIMIT + next.remaining());
-                        b.extend_from_slice(&first.to_bytes());
+                        b.put(first.clone());
                         b
                     });
-                    batch.extend_from_slice(&next.to_bytes());
+                    batch.put(next);
                 }
                 GuardEvent::Done => break,
             }
