@@ -405,7 +405,8 @@ async fn serve_detected<IO, S>(
         clock: shared.header_clock.clone(),
     };
     if h2 {
-        let served = h2server::serve(
+        // Batched: one write carries the frames of every stream that had some (batch.rs).
+        let served = pnp_transport::batch::Batched::new(h2server::serve(
             io,
             context(None),
             &shared.settings.h2,
@@ -413,7 +414,7 @@ async fn serve_detected<IO, S>(
             handshake_deadline,
             shared.drain.clone(),
             shared.metrics.clone(),
-        )
+        ))
         .await;
         if let Err(e) = served {
             tracing::debug!(%peer, error = %e, "HTTP/2 connection ended with an error");

@@ -45,6 +45,8 @@ impl TracingOptions {
 #[must_use = "dropping the guard stops span export"]
 #[derive(Debug)]
 pub struct TracingGuard {
+    /// Flushes the log lines still queued for stderr when dropped.
+    _logs: tracing_appender::non_blocking::WorkerGuard,
     #[cfg(feature = "otlp")]
     export: Option<crate::otlp::OtlpExport>,
 }
@@ -86,7 +88,20 @@ pub fn init_tracing(format: LogFormat, default_level: &str) {
 pub fn init_tracing_with(options: TracingOptions) -> TracingGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&options.default_level));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Log lines go to stderr from a thread of their own, in batches: writing each line from the
+    // data plane cost a `write` per call (one `call finished` line each) and, behind a slow
+    // sink, would stall calls. If the queue (16 Ki lines, a few MB) fills, lines are dropped,
+    // never calls.
+    let (writer, logs) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(16 * 1024)
+        .thread_name("pnp-log")
+        .finish(std::io::BufWriter::new(std::io::stderr()));
+    // Colour only for a person at a terminal; escape codes in a log file are noise (and cost).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(ansi)
+        .with_writer(writer);
     let fmt = match options.format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().with_current_span(true).boxed(),
@@ -124,7 +139,10 @@ pub fn init_tracing_with(options: TracingOptions) -> TracingGuard {
             (_, Some(error), _) => tracing::warn!(%error, "OTLP span export is off"),
             _ => {}
         }
-        TracingGuard { export }
+        TracingGuard {
+            _logs: logs,
+            export,
+        }
     }
     #[cfg(not(feature = "otlp"))]
     {
@@ -134,7 +152,7 @@ pub fn init_tracing_with(options: TracingOptions) -> TracingGuard {
                 "an OTLP endpoint is set but this build has no OTLP export (cargo feature `otlp`)"
             );
         }
-        TracingGuard {}
+        TracingGuard { _logs: logs }
     }
 }
 

@@ -26,13 +26,14 @@ use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use pnp_call::{
     Call, Code, Message, Part, Reply, ReplyItem, ResponseHead, Status, FRAGMENT_THRESHOLD,
 };
 use pnp_wire::content_type::{self, Protocol};
 use pnp_wire::frame::{Frame as WireFrame, FrameBuf, FrameDecoder, FrameKind, Part as WirePart};
 
+use crate::batch::BatchedExecutor;
 use crate::{strip_response_headers, Blame, TransportError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -166,7 +167,7 @@ impl Http2Transport {
 
         let pool = (0..options.connections.max(1))
             .map(|_| PooledClient {
-                client: Client::builder(TokioExecutor::new())
+                client: Client::builder(BatchedExecutor)
                     .timer(TokioTimer::new())
                     .pool_timer(TokioTimer::new())
                     // An idle pooled connection is closed after this; one with a stream in

@@ -10,6 +10,7 @@
 //! whether a retry is safe).
 #![forbid(unsafe_code)]
 
+pub mod batch;
 mod error;
 pub mod http2;
 mod metadata;
