@@ -23,16 +23,15 @@ use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use pnp_call::{Call, CallHead, Code, Reply, Status};
+use pnp_call::{CallHead, Code, Reply, Status};
 use pnp_config::{AllowedOrigins, Cors, Edge};
 use pnp_policy::deadline::{Deadline, DeadlineOffset};
 use pnp_policy::idle::StreamClocks;
 use pnp_telemetry::{request_id, Metrics};
-use pnp_transport::{strip_request_headers, TransportError};
+use pnp_transport::strip_request_headers;
 use pnp_wire::content_type::{self, Protocol};
 use tokio::time::Instant as TokioInstant;
 use tokio_util::sync::CancellationToken;
-use tower::util::BoxCloneSyncService;
 use tracing::Instrument;
 
 use crate::abort::CallAbort;
@@ -56,7 +55,7 @@ pub const JOB_HEADER: &str = "x-pnp-job";
 const FORWARDED_FOR: &str = "x-forwarded-for";
 
 /// The egress side as the ingress sees it: any transport.
-pub type Transport = BoxCloneSyncService<Call, Reply, TransportError>;
+pub type Transport = pnp_transport::SharedTransport;
 
 /// The ingress service: one per listener, cloned per connection.
 #[derive(Clone)]

@@ -106,16 +106,18 @@ impl Proxy {
             None => None,
         };
         let upstream_name = upstream.to_string();
-        let transport = Http2Transport::new(Http2Options {
-            upstream,
-            extra_roots_pem,
-            connect_timeout: config.upstream.connect_timeout,
-            keepalive_interval: config.resilience.keepalive_interval,
-            keepalive_timeout: config.resilience.keepalive_timeout,
-            connections: config.upstream.connections,
-            stream_window: config.upstream.stream_window,
-        })
-        .map_err(io_err("configuring the upstream".into()))?;
+        let transport: pnp_transport::SharedTransport = Arc::new(
+            Http2Transport::new(Http2Options {
+                upstream,
+                extra_roots_pem,
+                connect_timeout: config.upstream.connect_timeout,
+                keepalive_interval: config.resilience.keepalive_interval,
+                keepalive_timeout: config.resilience.keepalive_timeout,
+                connections: config.upstream.connections,
+                stream_window: config.upstream.stream_window,
+            })
+            .map_err(io_err("configuring the upstream".into()))?,
+        );
         let tls = match &config.listener.tls {
             Some(files) => Some(tls::acceptor(files).map_err(io_err(format!(
                 "loading TLS certificate {}",
@@ -134,8 +136,9 @@ impl Proxy {
                 .map_err(StartError::Config)?,
         );
         let budget = budget::BufferBudget::new(config.limits.buffer_budget, &metrics);
+        let transport_name = transport.kind().name();
         let upstream = resilience::GuardedUpstream::new(
-            tower::util::BoxCloneSyncService::new(transport),
+            transport,
             upstream_name.trim_end_matches('/').to_owned(),
             &config.resilience,
             budget.clone(),
@@ -144,7 +147,7 @@ impl Proxy {
         .map_err(StartError::Config)?;
         let ingress = Ingress::new(ingress::Inner {
             upstream,
-            transport_name: "h2",
+            transport_name,
             max_message_size: config.limits.max_message_size,
             shutdown: end_streams.clone(),
             metrics: metrics.clone(),

@@ -36,7 +36,6 @@ use pnp_telemetry::Metrics;
 use pnp_transport::{Blame, TransportError};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use tower::ServiceExt;
 
 use crate::abort::CallAbort;
 use crate::budget::BufferBudget;
@@ -189,8 +188,7 @@ impl GuardedUpstream {
             };
             let result = self
                 .transport
-                .clone()
-                .oneshot(Call {
+                .call(Call {
                     head: attempt,
                     messages,
                 })
@@ -542,7 +540,10 @@ mod tests {
         let metrics = Metrics::new();
         let budget = BufferBudget::new(1 << 20, &metrics);
         let guarded = GuardedUpstream::new(
-            tower::util::BoxCloneSyncService::new(transport),
+            Arc::new(pnp_transport::ServiceTransport::new(
+                pnp_transport::Kind::H2,
+                tower::util::BoxCloneSyncService::new(transport),
+            )),
             "up".into(),
             &config,
             budget,

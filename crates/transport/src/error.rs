@@ -73,6 +73,10 @@ impl TransportError {
             if let Some(client) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
                 connect |= client.is_connect();
             }
+            if let Some(hyper) = e.downcast_ref::<hyper::Error>() {
+                // Canceled: the connection closed before the request was sent.
+                connect |= hyper.is_canceled();
+            }
             if let Some(io) = e.downcast_ref::<std::io::Error>() {
                 let text = format!("{context}: upstream connection failed ({io})");
                 return Self {
@@ -94,7 +98,8 @@ impl TransportError {
     }
 }
 
-fn chain(err: &(dyn StdError + 'static)) -> String {
+/// An error and its sources as one line.
+pub(crate) fn chain(err: &(dyn StdError + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(e) = source {

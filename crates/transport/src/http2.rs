@@ -8,7 +8,6 @@
 //! `te: trailers` and the remaining deadline as `grpc-timeout` (PROTOCOL-HTTP2.md "Requests").
 //! Replies are decoded frame by frame, so each message reaches the client as soon as it arrives.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,7 +24,6 @@ use http_body_util::{combinators::UnsyncBoxBody, BodyExt, StreamBody};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioTimer;
 use pnp_call::{
     Call, Code, Message, Part, Reply, ReplyItem, ResponseHead, Status, FRAGMENT_THRESHOLD,
@@ -33,7 +31,11 @@ use pnp_call::{
 use pnp_wire::content_type::{self, Protocol};
 use pnp_wire::frame::{Frame as WireFrame, FrameBuf, FrameDecoder, FrameKind, Part as WirePart};
 
-use crate::batch::BatchedExecutor;
+use hyper::client::conn::http2::SendRequest;
+use tower::Service as _;
+
+use crate::api::{BoxFuture, Capabilities, Estimate, Kind, Meter, Transport};
+use crate::batch::{Batched, BatchedExecutor};
 use crate::{strip_response_headers, Blame, TransportError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -70,18 +72,39 @@ const STREAMS_PER_CONNECTION: usize = 100;
 /// connection to fill it, and the clocks end stalled calls long before that.
 const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 
-/// The HTTP/2 egress transport: a cloneable [`tower::Service`] over the call model.
+/// The HTTP/2 egress transport: a [`Transport`] (and a cloneable [`tower::Service`]) over the
+/// call model.
 #[derive(Clone)]
 pub struct Http2Transport {
-    pool: Arc<[PooledClient]>,
-    base: Arc<Base>,
+    shared: Arc<Shared>,
 }
 
-/// One pooled connection (a hyper-util client keeps one HTTP/2 connection per authority) and
-/// the calls in flight on it.
-struct PooledClient {
-    client: Client<HttpsConnector<HttpConnector>, EgressBody>,
+struct Shared {
+    pool: Box<[PooledConn]>,
+    base: Base,
+    connector: HttpsConnector<HttpConnector>,
+    options: Http2Options,
+    meter: Arc<Meter>,
+}
+
+/// One pooled connection: its request sender while it is up, and the calls in flight on it.
+struct PooledConn {
+    sender: std::sync::Mutex<Option<SendRequest<EgressBody>>>,
+    /// Held while connecting, so calls that find the connection down wait for one attempt
+    /// instead of each making their own.
+    connecting: tokio::sync::Mutex<()>,
     in_flight: Arc<AtomicUsize>,
+}
+
+impl PooledConn {
+    /// The sender of the live connection, if there is one.
+    fn current(&self) -> Option<SendRequest<EgressBody>> {
+        let sender = self
+            .sender
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        sender.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
 }
 
 /// A call's place on a pooled connection; released when the reply stream (or the failed
@@ -104,7 +127,10 @@ impl std::fmt::Debug for Http2Transport {
         f.debug_struct("Http2Transport")
             .field(
                 "upstream",
-                &format_args!("{}://{}", self.base.scheme, self.base.authority),
+                &format_args!(
+                    "{}://{}",
+                    self.shared.base.scheme, self.shared.base.authority
+                ),
             )
             .finish()
     }
@@ -166,35 +192,27 @@ impl Http2Transport {
             .wrap_connector(http);
 
         let pool = (0..options.connections.max(1))
-            .map(|_| PooledClient {
-                client: Client::builder(BatchedExecutor)
-                    .timer(TokioTimer::new())
-                    .pool_timer(TokioTimer::new())
-                    // An idle pooled connection is closed after this; one with a stream in
-                    // flight is never idle, whatever its age.
-                    .pool_idle_timeout(Duration::from_secs(90))
-                    .http2_keep_alive_interval(Some(options.keepalive_interval))
-                    .http2_keep_alive_timeout(options.keepalive_timeout)
-                    .http2_keep_alive_while_idle(false)
-                    .http2_only(true)
-                    .http2_adaptive_window(false)
-                    .http2_initial_stream_window_size(Some(options.stream_window))
-                    .http2_initial_connection_window_size(Some(CONNECTION_WINDOW))
-                    .http2_max_frame_size(Some(64 << 10))
-                    .build(connector.clone()),
+            .map(|_| PooledConn {
+                sender: std::sync::Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
                 in_flight: Arc::new(AtomicUsize::new(0)),
             })
             .collect();
 
         Ok(Self {
-            pool,
-            base: Arc::new(Base {
-                scheme: if tls {
-                    http::uri::Scheme::HTTPS
-                } else {
-                    http::uri::Scheme::HTTP
+            shared: Arc::new(Shared {
+                pool,
+                base: Base {
+                    scheme: if tls {
+                        http::uri::Scheme::HTTPS
+                    } else {
+                        http::uri::Scheme::HTTP
+                    },
+                    authority,
                 },
-                authority,
+                connector,
+                options,
+                meter: Meter::new(),
             }),
         })
     }
@@ -205,10 +223,11 @@ impl Http2Transport {
     /// into one write (spreading 32 calls over 4 connections cost 3 µs of CPU per call in S1);
     /// above that, calls spill over to the next connections, past the upstream's
     /// MAX_CONCURRENT_STREAMS and across the backends of an L4 balancer.
-    fn pick(&self) -> &PooledClient {
-        let mut best = &self.pool[0];
+    fn pick(&self) -> &PooledConn {
+        let pool = &self.shared.pool;
+        let mut best = &pool[0];
         let mut best_load = usize::MAX;
-        for pooled in self.pool.iter() {
+        for pooled in pool.iter() {
             let load = pooled.in_flight.load(Ordering::Acquire);
             if load < STREAMS_PER_CONNECTION {
                 return pooled;
@@ -223,8 +242,8 @@ impl Http2Transport {
 
     fn request(&self, call: Call) -> Result<Request<EgressBody>, TransportError> {
         let uri = Uri::builder()
-            .scheme(self.base.scheme.clone())
-            .authority(self.base.authority.clone())
+            .scheme(self.shared.base.scheme.clone())
+            .authority(self.shared.base.authority.clone())
             .path_and_query(call.head.path.clone())
             .build()
             .map_err(|e| TransportError {
@@ -264,29 +283,152 @@ impl Http2Transport {
     }
 }
 
+impl Shared {
+    /// A live sender on `pooled`, connecting first if its connection is down. Calls that find
+    /// it down together share one attempt.
+    async fn sender(&self, pooled: &PooledConn) -> Result<SendRequest<EgressBody>, TransportError> {
+        if let Some(sender) = pooled.current() {
+            return Ok(sender);
+        }
+        let _connecting = pooled.connecting.lock().await;
+        if let Some(sender) = pooled.current() {
+            return Ok(sender);
+        }
+        let sender = self.connect().await?;
+        *pooled
+            .sender
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// Open one HTTP/2 connection (TCP, TLS with ALPN `h2` for `https`) within the connect
+    /// timeout; its connection task runs [`Batched`].
+    async fn connect(&self) -> Result<SendRequest<EgressBody>, TransportError> {
+        let options = &self.options;
+        let unreachable = |what: String| TransportError {
+            status: Box::new(Status::new(Code::Unavailable, what)),
+            blame: Blame::Upstream,
+            unprocessed: true,
+        };
+        let uri = Uri::builder()
+            .scheme(self.base.scheme.clone())
+            .authority(self.base.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| unreachable(format!("upstream address: {e}")))?;
+        let mut connector = self.connector.clone();
+        let io = tokio::time::timeout(options.connect_timeout, connector.call(uri))
+            .await
+            .map_err(|_| {
+                unreachable(format!(
+                    "upstream connect to {} timed out after {} ms",
+                    self.base.authority,
+                    options.connect_timeout.as_millis()
+                ))
+            })?
+            .map_err(|e| {
+                unreachable(format!(
+                    "upstream connect to {} failed: {}",
+                    self.base.authority,
+                    crate::error::chain(&*e)
+                ))
+            })?;
+        let handshake = hyper::client::conn::http2::Builder::new(BatchedExecutor)
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(options.keepalive_interval))
+            .keep_alive_timeout(options.keepalive_timeout)
+            .keep_alive_while_idle(false)
+            .adaptive_window(false)
+            .initial_stream_window_size(Some(options.stream_window))
+            .initial_connection_window_size(Some(CONNECTION_WINDOW))
+            .max_frame_size(Some(64 << 10))
+            .handshake(io);
+        let (sender, connection) = tokio::time::timeout(options.connect_timeout, handshake)
+            .await
+            .map_err(|_| unreachable("upstream HTTP/2 handshake timed out".to_owned()))?
+            .map_err(|e| {
+                let mut err = TransportError::from_http(&e, "upstream HTTP/2 handshake failed");
+                err.unprocessed = true;
+                err
+            })?;
+        let authority = self.base.authority.clone();
+        tokio::spawn(Batched::new(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(upstream = %authority, error = %e, "upstream HTTP/2 connection ended");
+            }
+        }));
+        Ok(sender)
+    }
+}
+
+impl Transport for Http2Transport {
+    fn kind(&self) -> Kind {
+        Kind::H2
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::FULL
+    }
+
+    fn ready(&self) -> BoxFuture<Result<(), TransportError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let pooled = this.pick();
+            this.shared.sender(pooled).await.map(drop)
+        })
+    }
+
+    fn call(&self, call: Call) -> BoxFuture<Result<Reply, TransportError>> {
+        let max = call.head.max_message_size;
+        let request = self.request(call);
+        let this = self.clone();
+        self.shared.meter.measure(async move {
+            let request = request?;
+            let pooled = this.pick();
+            pooled.in_flight.fetch_add(1, Ordering::AcqRel);
+            let in_flight = InFlight(pooled.in_flight.clone());
+            let mut request = request;
+            let mut fresh = false;
+            loop {
+                let mut sender = this.shared.sender(pooled).await?;
+                match sender.try_send_request(request).await {
+                    Ok(response) => return Ok(reply_from_response(response, max, in_flight)),
+                    Err(mut e) => match e.take_message() {
+                        // The connection closed (GOAWAY, EOF) before the request left: it is
+                        // untouched, so it goes once more over a new connection.
+                        Some(unsent) if !fresh => {
+                            fresh = true;
+                            request = unsent;
+                        }
+                        _ => {
+                            return Err(TransportError::from_http(
+                                &e.into_error(),
+                                "upstream request failed",
+                            ))
+                        }
+                    },
+                }
+            }
+        })
+    }
+
+    fn estimate(&self) -> Estimate {
+        self.shared.meter.estimate()
+    }
+}
+
 impl tower::Service<Call> for Http2Transport {
     type Response = Reply;
     type Error = TransportError;
-    type Future = Pin<Box<dyn Future<Output = Result<Reply, TransportError>> + Send>>;
+    type Future = BoxFuture<Result<Reply, TransportError>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
-        let max = call.head.max_message_size;
-        let request = self.request(call);
-        let pooled = self.pick();
-        pooled.in_flight.fetch_add(1, Ordering::AcqRel);
-        let in_flight = InFlight(pooled.in_flight.clone());
-        let client = pooled.client.clone();
-        Box::pin(async move {
-            let response = client
-                .request(request?)
-                .await
-                .map_err(|e| TransportError::from_http(&e, "upstream request failed"))?;
-            Ok(reply_from_response(response, max, in_flight))
-        })
+        Transport::call(self, call)
     }
 }
 

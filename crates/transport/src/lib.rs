@@ -10,10 +10,14 @@
 //! whether a retry is safe).
 #![forbid(unsafe_code)]
 
+mod api;
 pub mod batch;
 mod error;
 pub mod http2;
 mod metadata;
 
+pub use api::{
+    BoxFuture, Capabilities, Estimate, Kind, Meter, ServiceTransport, SharedTransport, Transport,
+};
 pub use error::{Blame, TransportError};
 pub use metadata::{strip_request_headers, strip_response_headers};
