@@ -35,6 +35,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_BUFFER_BUDGET: usize = 256 * 1024 * 1024;
 /// Default HTTP/2 receive window per upstream stream (1 MiB).
 pub const DEFAULT_STREAM_WINDOW: u32 = 1024 * 1024;
+/// Default most connections (so calls in flight) to a chunked HTTP/1.1 upstream.
+pub const DEFAULT_H1_CONNECTIONS: usize = 512;
 
 /// The whole, validated configuration of a pnp data plane.
 #[derive(Clone, Debug, PartialEq)]
@@ -109,6 +111,9 @@ pub struct Upstream {
     /// HTTP/2 receive window per upstream stream: the most a stalled client's call can hold
     /// in pnp from the upstream (the connection window never binds before the streams' do).
     pub stream_window: u32,
+    /// Chunked HTTP/1.1 upstreams (`h1://`): connections open at once, one call each, so the
+    /// most calls in flight; as many stay open idle for later calls.
+    pub h1_connections: usize,
 }
 
 /// The upstream of the data plane.
@@ -116,7 +121,9 @@ pub struct Upstream {
 pub enum UpstreamTarget {
     /// The built-in demo upstreams, started in-process on a loopback port.
     Demo,
-    /// A gRPC server: `http://` is HTTP/2 cleartext (h2c), `https://` is HTTP/2 over TLS.
+    /// A gRPC server: `http://` is HTTP/2 cleartext (h2c), `https://` is HTTP/2 over TLS;
+    /// a gRPC-Web server (a peer pnp, tonic-web): `h1://` is chunked HTTP/1.1, `h1s://` the same
+    /// over TLS.
     Url(url::Url),
 }
 
@@ -223,6 +230,7 @@ impl Config {
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 connections: 4,
                 stream_window: DEFAULT_STREAM_WINDOW,
+                h1_connections: DEFAULT_H1_CONNECTIONS,
             },
             cors: Cors {
                 allowed_origins: AllowedOrigins::Any,

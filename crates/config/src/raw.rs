@@ -160,12 +160,13 @@ struct RawAdmin {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUpstream {
-    /// `demo`, `http://host:port` or `https://host:port`.
+    /// `demo`, `http://host:port`, `https://host:port`, `h1://host:port` or `h1s://host:port`.
     url: Option<String>,
     ca: Option<PathBuf>,
     connect_timeout: Option<String>,
     connections: Option<usize>,
     stream_window: Option<String>,
+    h1_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -472,11 +473,11 @@ pub(crate) fn parse_upstream(key: &str, text: &str) -> Result<UpstreamTarget, Co
     }
     let url = url::Url::parse(text).map_err(|e| invalid(key, format!("`{text}`: {e}")))?;
     match url.scheme() {
-        "http" | "https" => {}
+        "http" | "https" | "h1" | "h1s" => {}
         other => {
             return Err(invalid(
                 key,
-                format!("scheme `{other}` is not supported (use http:// for h2c, https:// for TLS, or `demo`)"),
+                format!("scheme `{other}` is not supported (use http:// for h2c, https:// for HTTP/2 over TLS, h1:// or h1s:// for chunked HTTP/1.1, or `demo`)"),
             ))
         }
     }
@@ -564,6 +565,11 @@ impl RawConfig {
                 Some(0) => return Err(invalid("upstream.connections", "must be at least 1")),
                 Some(n) => n,
                 None => config.upstream.connections,
+            },
+            h1_connections: match self.upstream.h1_connections {
+                Some(0) => return Err(invalid("upstream.h1_connections", "must be at least 1")),
+                Some(n) => n,
+                None => config.upstream.h1_connections,
             },
             stream_window: match &self.upstream.stream_window {
                 Some(text) => {

@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use pnp_config::{Config, UpstreamTarget};
 use pnp_telemetry::Metrics;
+use pnp_transport::http1::{Http1Options, Http1Transport};
 use pnp_transport::http2::{Http2Options, Http2Transport};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -106,18 +107,31 @@ impl Proxy {
             None => None,
         };
         let upstream_name = upstream.to_string();
-        let transport: pnp_transport::SharedTransport = Arc::new(
-            Http2Transport::new(Http2Options {
-                upstream,
-                extra_roots_pem,
-                connect_timeout: config.upstream.connect_timeout,
-                keepalive_interval: config.resilience.keepalive_interval,
-                keepalive_timeout: config.resilience.keepalive_timeout,
-                connections: config.upstream.connections,
-                stream_window: config.upstream.stream_window,
-            })
-            .map_err(io_err("configuring the upstream".into()))?,
-        );
+        let transport: pnp_transport::SharedTransport =
+            match pnp_transport::Kind::from_scheme(upstream.scheme()) {
+                Some(pnp_transport::Kind::H1) => Arc::new(
+                    Http1Transport::new(Http1Options {
+                        upstream,
+                        extra_roots_pem,
+                        connect_timeout: config.upstream.connect_timeout,
+                        max_connections: config.upstream.h1_connections,
+                        max_idle: config.upstream.h1_connections,
+                    })
+                    .map_err(io_err("configuring the upstream".into()))?,
+                ),
+                _ => Arc::new(
+                    Http2Transport::new(Http2Options {
+                        upstream,
+                        extra_roots_pem,
+                        connect_timeout: config.upstream.connect_timeout,
+                        keepalive_interval: config.resilience.keepalive_interval,
+                        keepalive_timeout: config.resilience.keepalive_timeout,
+                        connections: config.upstream.connections,
+                        stream_window: config.upstream.stream_window,
+                    })
+                    .map_err(io_err("configuring the upstream".into()))?,
+                ),
+            };
         let tls = match &config.listener.tls {
             Some(files) => Some(tls::acceptor(files).map_err(io_err(format!(
                 "loading TLS certificate {}",

@@ -32,10 +32,10 @@ use pnp_wire::content_type::{self, Protocol};
 use pnp_wire::frame::{Frame as WireFrame, FrameBuf, FrameDecoder, FrameKind, Part as WirePart};
 
 use hyper::client::conn::http2::SendRequest;
-use tower::Service as _;
 
 use crate::api::{BoxFuture, Capabilities, Estimate, Kind, Meter, Transport};
 use crate::batch::{Batched, BatchedExecutor};
+use crate::connect::{connector, open, Alpn, Endpoint};
 use crate::{strip_response_headers, Blame, TransportError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -81,7 +81,7 @@ pub struct Http2Transport {
 
 struct Shared {
     pool: Box<[PooledConn]>,
-    base: Base,
+    base: Endpoint,
     connector: HttpsConnector<HttpConnector>,
     options: Http2Options,
     meter: Arc<Meter>,
@@ -117,11 +117,6 @@ impl Drop for InFlight {
     }
 }
 
-struct Base {
-    scheme: http::uri::Scheme,
-    authority: http::uri::Authority,
-}
-
 impl std::fmt::Debug for Http2Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Http2Transport")
@@ -139,57 +134,14 @@ impl std::fmt::Debug for Http2Transport {
 impl Http2Transport {
     /// Build the transport; no connection is made until the first call.
     pub fn new(options: Http2Options) -> io::Result<Self> {
-        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
-        let host = options
-            .upstream
-            .host_str()
-            .ok_or_else(|| invalid(format!("upstream `{}` has no host", options.upstream)))?;
         let tls = options.upstream.scheme() == "https";
-        let port = options
-            .upstream
-            .port_or_known_default()
-            .unwrap_or(if tls { 443 } else { 80 });
-        let authority: http::uri::Authority = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        }
-        .parse()
-        .map_err(|e| invalid(format!("upstream authority: {e}")))?;
-
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(options.connect_timeout));
-
-        let mut roots = rustls::RootCertStore::empty();
-        if tls {
-            let native = rustls_native_certs::load_native_certs();
-            for cert in native.certs {
-                // A broken system certificate must not stop pnp from starting.
-                let _ = roots.add(cert);
-            }
-        }
-        if let Some(pem) = &options.extra_roots_pem {
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|e| invalid(format!("upstream CA: {e}")))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| invalid(format!("upstream CA: {e}")))?;
-            }
-        }
-        let tls_config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| invalid(format!("TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config)
-            .https_or_http()
-            .enable_http2()
-            .wrap_connector(http);
+        let endpoint = Endpoint::new(&options.upstream, tls)?;
+        let connector = connector(
+            options.extra_roots_pem.as_deref(),
+            tls,
+            options.connect_timeout,
+            Alpn::H2,
+        )?;
 
         let pool = (0..options.connections.max(1))
             .map(|_| PooledConn {
@@ -202,14 +154,7 @@ impl Http2Transport {
         Ok(Self {
             shared: Arc::new(Shared {
                 pool,
-                base: Base {
-                    scheme: if tls {
-                        http::uri::Scheme::HTTPS
-                    } else {
-                        http::uri::Scheme::HTTP
-                    },
-                    authority,
-                },
+                base: endpoint,
                 connector,
                 options,
                 meter: Meter::new(),
@@ -306,34 +251,7 @@ impl Shared {
     /// timeout; its connection task runs [`Batched`].
     async fn connect(&self) -> Result<SendRequest<EgressBody>, TransportError> {
         let options = &self.options;
-        let unreachable = |what: String| TransportError {
-            status: Box::new(Status::new(Code::Unavailable, what)),
-            blame: Blame::Upstream,
-            unprocessed: true,
-        };
-        let uri = Uri::builder()
-            .scheme(self.base.scheme.clone())
-            .authority(self.base.authority.clone())
-            .path_and_query("/")
-            .build()
-            .map_err(|e| unreachable(format!("upstream address: {e}")))?;
-        let mut connector = self.connector.clone();
-        let io = tokio::time::timeout(options.connect_timeout, connector.call(uri))
-            .await
-            .map_err(|_| {
-                unreachable(format!(
-                    "upstream connect to {} timed out after {} ms",
-                    self.base.authority,
-                    options.connect_timeout.as_millis()
-                ))
-            })?
-            .map_err(|e| {
-                unreachable(format!(
-                    "upstream connect to {} failed: {}",
-                    self.base.authority,
-                    crate::error::chain(&*e)
-                ))
-            })?;
+        let io = open(&self.connector, &self.base, options.connect_timeout).await?;
         let handshake = hyper::client::conn::http2::Builder::new(BatchedExecutor)
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(options.keepalive_interval))
@@ -346,7 +264,7 @@ impl Shared {
             .handshake(io);
         let (sender, connection) = tokio::time::timeout(options.connect_timeout, handshake)
             .await
-            .map_err(|_| unreachable("upstream HTTP/2 handshake timed out".to_owned()))?
+            .map_err(|_| crate::connect::unreachable("upstream HTTP/2 handshake timed out".into()))?
             .map_err(|e| {
                 let mut err = TransportError::from_http(&e, "upstream HTTP/2 handshake failed");
                 err.unprocessed = true;
@@ -592,7 +510,8 @@ impl Stream for ReplyStream {
     }
 }
 
-fn frame_error_status(e: &pnp_wire::frame::FrameError) -> Status {
+/// The status for a reply body that could not be decoded.
+pub(crate) fn frame_error_status(e: &pnp_wire::frame::FrameError) -> Status {
     use pnp_wire::frame::FrameError;
     match e {
         FrameError::TooLarge { len, max } => Status::new(

@@ -12,7 +12,9 @@
 
 mod api;
 pub mod batch;
+mod connect;
 mod error;
+pub mod http1;
 pub mod http2;
 mod metadata;
 
