@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod certs;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use pnp_config::{Config, UpstreamTarget};
@@ -41,6 +43,20 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
+    },
+    /// Make certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCommand {
+    /// Write a development CA (ca.pem, ca-key.pem), a server certificate for localhost,
+    /// 127.0.0.1 and ::1 (server.pem, server-key.pem) and a client certificate for mTLS
+    /// (client.pem, client-key.pem) into DIR. Keys are mode 0600; existing files are kept.
+    Dev {
+        /// Directory to write into (created if missing).
+        dir: PathBuf,
     },
 }
 
@@ -104,6 +120,12 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Demo { listen } => demo(listen).await,
+            Command::Certs(CertsCommand::Dev { dir }) => {
+                for path in certs::write_dev(&dir)? {
+                    println!("wrote {}", path.display());
+                }
+                Ok(())
+            }
         }
     })
 }
