@@ -1,10 +1,11 @@
-//! Request bodies from either HTTP stack: hyper's [`Incoming`] (HTTP/1.1) or an h2
-//! [`RecvStream`] (HTTP/2, served by [`crate::h2server`]).
+//! Request bodies from every HTTP stack: hyper's [`Incoming`] (HTTP/1.1), an h2
+//! [`RecvStream`] (HTTP/2, served by [`crate::h2server`]) or the receiving side of an HTTP/3
+//! request stream (served by [`crate::h3server`]).
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
@@ -18,6 +19,8 @@ pub enum RequestBody {
     Http1(Incoming),
     /// HTTP/2, read from an h2 stream.
     Http2(H2Body),
+    /// HTTP/3, read from a QUIC stream.
+    Http3(H3Body),
     /// No body (tests, requests made in-process).
     Empty,
 }
@@ -74,6 +77,61 @@ impl Body for H2Body {
     }
 }
 
+/// The receiving side of an HTTP/3 request stream.
+pub(crate) type H3Recv = h3::server::RequestStream<crate::h3quic::QuicRecv, pnp_wire::frame::FrameBuf>;
+
+/// An HTTP/3 request body. QUIC returns flow-control credit as data is read, so the stream's
+/// receive window is what bounds the bytes pnp holds for it.
+pub struct H3Body {
+    recv: H3Recv,
+    data_done: bool,
+}
+
+impl std::fmt::Debug for H3Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H3Body")
+            .field("stream", &self.recv.id())
+            .field("data_done", &self.data_done)
+            .finish()
+    }
+}
+
+impl H3Body {
+    pub(crate) fn new(recv: H3Recv) -> Self {
+        Self {
+            recv,
+            data_done: false,
+        }
+    }
+}
+
+impl Body for H3Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if !self.data_done {
+            match ready!(self.recv.poll_recv_data(cx)) {
+                Ok(Some(mut data)) => {
+                    // Chunks are quinn's own `Bytes`: taking them whole copies nothing.
+                    let data = data.copy_to_bytes(data.remaining());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(None) => self.data_done = true,
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            }
+        }
+        match ready!(self.recv.poll_recv_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e.into()))),
+        }
+    }
+}
+
 impl Body for RequestBody {
     type Data = Bytes;
     type Error = BodyError;
@@ -85,6 +143,7 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             RequestBody::Http2(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Http3(body) => Pin::new(body).poll_frame(cx),
             RequestBody::Empty => Poll::Ready(None),
         }
     }
@@ -93,6 +152,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Http1(body) => body.is_end_stream(),
             RequestBody::Http2(body) => body.is_end_stream(),
+            RequestBody::Http3(body) => body.is_end_stream(),
             RequestBody::Empty => true,
         }
     }
@@ -100,7 +160,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Http1(body) => body.size_hint(),
-            RequestBody::Http2(_) => SizeHint::default(),
+            RequestBody::Http2(_) | RequestBody::Http3(_) => SizeHint::default(),
             RequestBody::Empty => SizeHint::with_exact(0),
         }
     }
