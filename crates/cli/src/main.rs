@@ -33,6 +33,8 @@ enum LogFormat {
 }
 
 #[derive(Subcommand, Debug)]
+// Parsed once at start-up: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the proxy. With no arguments: 127.0.0.1:8080 in front of the built-in demo upstreams,
     /// admin on 127.0.0.1:9901.

@@ -9,10 +9,9 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 use crate::{
-    parse_code, parse_size, AllowedOrigins, Config, ConfigError, Cors, FirstMessage, Jobs, Limits,
-    H3Listener, Profile, Resilience, RetrySettings, Route, Shutdown, TlsFiles, Upstream,
-    UpstreamTarget,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE_PERIOD, DEFAULT_PROFILE,
+    parse_code, parse_size, AllowedOrigins, Config, ConfigError, Cors, FirstMessage, H3Listener,
+    Jobs, Limits, Profile, Resilience, RetrySettings, Route, Shutdown, TlsFiles, Upstream,
+    UpstreamTarget, DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE_PERIOD, DEFAULT_PROFILE,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -1018,9 +1017,7 @@ mod tests {
         assert_eq!(h3.addr, "127.0.0.1:8443".parse().expect("addr"));
         assert_eq!(h3.stream_window, 16 << 20);
         assert_eq!(h3.connection_window, crate::DEFAULT_H3_CONNECTION_WINDOW);
-        assert!(
-            matches!(config.upstream.target, UpstreamTarget::Url(ref u) if u.scheme() == "h3")
-        );
+        assert!(matches!(config.upstream.target, UpstreamTarget::Url(ref u) if u.scheme() == "h3"));
         assert_eq!(Config::demo().listener.h3, None);
     }
 

@@ -78,7 +78,8 @@ impl Body for H2Body {
 }
 
 /// The receiving side of an HTTP/3 request stream.
-pub(crate) type H3Recv = h3::server::RequestStream<crate::h3quic::QuicRecv, pnp_wire::frame::FrameBuf>;
+pub(crate) type H3Recv =
+    h3::server::RequestStream<crate::h3quic::QuicRecv, pnp_wire::frame::FrameBuf>;
 
 /// An HTTP/3 request body. QUIC returns flow-control credit as data is read, so the stream's
 /// receive window is what bounds the bytes pnp holds for it.

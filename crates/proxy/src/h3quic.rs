@@ -228,8 +228,10 @@ impl<B: Buf> quic::OpenStreams<B> for QuicOpener {
     }
 
     fn close(&mut self, code: h3::error::Code, reason: &[u8]) {
-        self.conn
-            .close(VarInt::from_u64(code.value()).unwrap_or(VarInt::MAX), reason);
+        self.conn.close(
+            VarInt::from_u64(code.value()).unwrap_or(VarInt::MAX),
+            reason,
+        );
     }
 }
 

@@ -41,6 +41,7 @@ use std::time::Duration;
 use pnp_config::{Config, UpstreamTarget};
 use pnp_telemetry::Metrics;
 use pnp_transport::http2::{Http2Options, Http2Transport};
+use pnp_transport::http3::{Http3Options, Http3Transport};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -118,16 +119,31 @@ impl Proxy {
             None => None,
         };
         let upstream_name = upstream.to_string();
-        let transport = Http2Transport::new(Http2Options {
-            upstream,
-            extra_roots_pem,
-            connect_timeout: config.upstream.connect_timeout,
-            keepalive_interval: config.resilience.keepalive_interval,
-            keepalive_timeout: config.resilience.keepalive_timeout,
-            connections: config.upstream.connections,
-            stream_window: config.upstream.stream_window,
-        })
-        .map_err(io_err("configuring the upstream".into()))?;
+        // The transport by the upstream's scheme: h3:// is HTTP/3, http:// and https:// HTTP/2.
+        let (transport, transport_name) = if upstream.scheme() == "h3" {
+            let transport = Http3Transport::new(Http3Options {
+                upstream,
+                extra_roots_pem,
+                connect_timeout: config.upstream.connect_timeout,
+                keepalive_timeout: config.resilience.keepalive_timeout,
+                stream_window: pnp_transport::http3::DEFAULT_STREAM_WINDOW,
+                connection_window: pnp_transport::http3::DEFAULT_CONNECTION_WINDOW,
+            })
+            .map_err(io_err("configuring the upstream".into()))?;
+            (tower::util::BoxCloneSyncService::new(transport), "h3")
+        } else {
+            let transport = Http2Transport::new(Http2Options {
+                upstream,
+                extra_roots_pem,
+                connect_timeout: config.upstream.connect_timeout,
+                keepalive_interval: config.resilience.keepalive_interval,
+                keepalive_timeout: config.resilience.keepalive_timeout,
+                connections: config.upstream.connections,
+                stream_window: config.upstream.stream_window,
+            })
+            .map_err(io_err("configuring the upstream".into()))?;
+            (tower::util::BoxCloneSyncService::new(transport), "h2")
+        };
         let tls = match &config.listener.tls {
             Some(files) => Some(tls::acceptor(files).map_err(io_err(format!(
                 "loading TLS certificate {}",
@@ -147,7 +163,7 @@ impl Proxy {
         );
         let budget = budget::BufferBudget::new(config.limits.buffer_budget, &metrics);
         let upstream = resilience::GuardedUpstream::new(
-            tower::util::BoxCloneSyncService::new(transport),
+            transport,
             upstream_name.trim_end_matches('/').to_owned(),
             &config.resilience,
             budget.clone(),
@@ -156,7 +172,7 @@ impl Proxy {
         .map_err(StartError::Config)?;
         let ingress = Ingress::new(ingress::Inner {
             upstream,
-            transport_name: "h2",
+            transport_name,
             max_message_size: config.limits.max_message_size,
             shutdown: end_streams.clone(),
             metrics: metrics.clone(),
