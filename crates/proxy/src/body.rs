@@ -5,9 +5,10 @@
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use pnp_transport::http3::{gather_chunks, Gathered};
 
 /// Why a request body could not be read (the client reset the stream, the connection broke).
 pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -82,9 +83,12 @@ pub(crate) type H3Recv =
     h3::server::RequestStream<crate::h3quic::QuicRecv, pnp_wire::frame::FrameBuf>;
 
 /// An HTTP/3 request body. QUIC returns flow-control credit as data is read, so the stream's
-/// receive window is what bounds the bytes pnp holds for it.
+/// receive window is what bounds the bytes pnp holds for it. Packets' worth of data that are
+/// ready together are handed on as one chunk ([`gather_chunks`]).
 pub struct H3Body {
     recv: H3Recv,
+    /// The end or failure met while gathering data, for the next poll.
+    held: Option<Gathered<h3::error::StreamError>>,
     data_done: bool,
 }
 
@@ -101,6 +105,7 @@ impl H3Body {
     pub(crate) fn new(recv: H3Recv) -> Self {
         Self {
             recv,
+            held: None,
             data_done: false,
         }
     }
@@ -115,14 +120,12 @@ impl Body for H3Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         if !self.data_done {
-            match ready!(self.recv.poll_recv_data(cx)) {
-                Ok(Some(mut data)) => {
-                    // Chunks are quinn's own `Bytes`: taking them whole copies nothing.
-                    let data = data.copy_to_bytes(data.remaining());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Ok(None) => self.data_done = true,
-                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            let this = &mut *self;
+            let (held, recv) = (&mut this.held, &mut this.recv);
+            match ready!(gather_chunks(held, cx, |cx| recv.poll_recv_data(cx))) {
+                Gathered::Data(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Gathered::End => self.data_done = true,
+                Gathered::Failed(e) => return Poll::Ready(Some(Err(e.into()))),
             }
         }
         match ready!(self.recv.poll_recv_trailers(cx)) {

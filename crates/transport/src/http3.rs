@@ -54,6 +54,75 @@ const SEND_WINDOW: u64 = 64 << 20;
 const UDP_BUFFER: usize = 8 << 20;
 /// Largest response header block accepted.
 const MAX_HEADER_LIST: u64 = 64 << 10;
+/// Received chunks already waiting are gathered up to this size (see [`gather_chunks`]).
+pub const GATHER_LIMIT: usize = 64 << 10;
+
+/// The outcome of [`gather_chunks`].
+#[derive(Debug)]
+pub enum Gathered<E> {
+    /// Bytes received (the stream may go on).
+    Data(bytes::Bytes),
+    /// The data is over (trailers may follow).
+    End,
+    /// The stream failed.
+    Failed(E),
+}
+
+/// Read what a QUIC stream has ready, gathered into one buffer of up to [`GATHER_LIMIT`]
+/// bytes. quinn hands data over one packet at a time (about 1.2 KB at an Ethernet MTU);
+/// passed on as they are, those chunks would each become a fragment, an HTTP/2 DATA frame and a
+/// write, which costs far more than this one copy. Only chunks that are ready now are taken,
+/// so latency is unchanged. An end or an error met after some data is kept in `held` and
+/// returned by the next call.
+pub fn gather_chunks<E, B: Buf>(
+    held: &mut Option<Gathered<E>>,
+    cx: &mut Context<'_>,
+    mut poll: impl FnMut(&mut Context<'_>) -> Poll<Result<Option<B>, E>>,
+) -> Poll<Gathered<E>> {
+    if let Some(held) = held.take() {
+        return Poll::Ready(held);
+    }
+    let mut first: Option<bytes::Bytes> = None;
+    let mut gathered: Option<bytes::BytesMut> = None;
+    loop {
+        let len = gathered
+            .as_ref()
+            .map_or_else(|| first.as_ref().map_or(0, |b| b.len()), |g| g.len());
+        if len >= GATHER_LIMIT {
+            break;
+        }
+        let end = match poll(cx) {
+            Poll::Ready(Ok(Some(mut data))) => {
+                let data = data.copy_to_bytes(data.remaining());
+                match (&mut gathered, first.take()) {
+                    (Some(buf), _) => buf.extend_from_slice(&data),
+                    (None, Some(earlier)) => {
+                        let mut buf = bytes::BytesMut::with_capacity(GATHER_LIMIT + data.len());
+                        buf.extend_from_slice(&earlier);
+                        buf.extend_from_slice(&data);
+                        gathered = Some(buf);
+                    }
+                    (None, None) => first = Some(data),
+                }
+                continue;
+            }
+            Poll::Ready(Ok(None)) => Gathered::End,
+            Poll::Ready(Err(e)) => Gathered::Failed(e),
+            Poll::Pending if len == 0 => return Poll::Pending,
+            Poll::Pending => break,
+        };
+        if len == 0 {
+            return Poll::Ready(end);
+        }
+        *held = Some(end);
+        break;
+    }
+    let data = match gathered {
+        Some(buf) => buf.freeze(),
+        None => first.unwrap_or_default(),
+    };
+    Poll::Ready(Gathered::Data(data))
+}
 
 /// How to reach one peer over HTTP/3.
 #[derive(Clone, Debug)]
@@ -73,8 +142,11 @@ pub struct Http3Options {
     pub connection_window: u64,
 }
 
-/// Default receive window per stream of the HTTP/3 egress (8 MiB).
-pub const DEFAULT_STREAM_WINDOW: u64 = 8 << 20;
+/// Default receive window per stream of the HTTP/3 egress (2 MiB): replies are passed on at the
+/// client's pace, and quinn's reassembly buffer copies itself whole each time more than 2048
+/// packets (about 2.4 MiB at an Ethernet MTU) wait in it unread, so a larger window costs CPU
+/// and memory without carrying more (`pnp_config::DEFAULT_H3_STREAM_WINDOW` has the figures).
+pub const DEFAULT_STREAM_WINDOW: u64 = 2 << 20;
 /// Default receive window of the HTTP/3 egress connection (1 GiB): only the stream windows
 /// should bind, so calls whose clients stopped reading cannot starve the others.
 pub const DEFAULT_CONNECTION_WINDOW: u64 = 1 << 30;
@@ -600,6 +672,7 @@ fn reply_from_response(response: http::Response<()>, mut recv: RecvGuard, max: u
         items: Box::pin(ReplyStream {
             recv,
             decoder: FrameDecoder::new(FrameKind::Grpc, max).with_fragments(FRAGMENT_THRESHOLD),
+            held: None,
             data_done: false,
             finished: false,
         }),
@@ -620,6 +693,8 @@ fn describe_content_type(headers: &http::HeaderMap) -> String {
 struct ReplyStream {
     recv: RecvGuard,
     decoder: FrameDecoder,
+    /// The end or failure met while gathering data, for the next poll.
+    held: Option<Gathered<StreamError>>,
     data_done: bool,
     finished: bool,
 }
@@ -660,14 +735,17 @@ impl Stream for ReplyStream {
                 Err(e) => return this.finish(frame_error_status(&e)),
             }
             if !this.data_done {
-                match ready!(this.recv.poll(|recv| recv.poll_recv_data(cx))) {
-                    Ok(Some(mut data)) => {
-                        let data = data.copy_to_bytes(data.remaining());
+                let held = &mut this.held;
+                let gathered = ready!(this
+                    .recv
+                    .poll(|recv| gather_chunks(held, cx, |cx| recv.poll_recv_data(cx))));
+                match gathered {
+                    Gathered::Data(data) => {
                         this.decoder.push(data);
                         continue;
                     }
-                    Ok(None) => this.data_done = true,
-                    Err(e) => {
+                    Gathered::End => this.data_done = true,
+                    Gathered::Failed(e) => {
                         let err = TransportError::from_h3(&e, "upstream stream failed");
                         return this.finish(*err.status);
                     }
@@ -730,6 +808,35 @@ mod tests {
         let internal = TransportError::h3_reset(H3Code::H3_INTERNAL_ERROR.value(), "x");
         assert_eq!(internal.status.code, Code::Internal);
         assert!(!internal.unprocessed);
+    }
+
+    #[test]
+    fn ready_chunks_are_gathered_and_an_end_after_data_waits_its_turn() {
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut chunks: std::collections::VecDeque<
+            Poll<Result<Option<bytes::Bytes>, &'static str>>,
+        > = [
+            Poll::Ready(Ok(Some(bytes::Bytes::from_static(b"ab")))),
+            Poll::Ready(Ok(Some(bytes::Bytes::from_static(b"cd")))),
+            Poll::Pending,
+            Poll::Ready(Ok(Some(bytes::Bytes::from_static(b"e")))),
+            Poll::Ready(Err("reset")),
+        ]
+        .into();
+        let mut held = None;
+        let mut next = |held: &mut Option<Gathered<&'static str>>| {
+            gather_chunks(held, &mut cx, |_| {
+                chunks.pop_front().unwrap_or(Poll::Pending)
+            })
+        };
+        assert!(matches!(next(&mut held), Poll::Ready(Gathered::Data(d)) if d == "abcd"));
+        assert!(matches!(next(&mut held), Poll::Ready(Gathered::Data(d)) if d == "e"));
+        assert!(matches!(
+            next(&mut held),
+            Poll::Ready(Gathered::Failed("reset"))
+        ));
+        assert!(matches!(next(&mut held), Poll::Pending));
     }
 
     #[test]
