@@ -17,6 +17,8 @@ pub struct Certs {
     pub ca: std::path::PathBuf,
     /// The server certificate and key.
     pub files: TlsFiles,
+    /// The server key's SubjectPublicKeyInfo (DER), for Chromium's SPKI allow-list.
+    pub server_spki: Vec<u8>,
 }
 
 pub fn dev_certs() -> Certs {
@@ -50,6 +52,7 @@ pub fn dev_certs() -> Certs {
         _dir: dir,
         ca,
         files,
+        server_spki: key.public_key_der(),
     }
 }
 
