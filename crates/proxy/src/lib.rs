@@ -1,8 +1,9 @@
 //! The pnp data plane.
 //!
 //! [`Proxy::start`] binds the data-plane listener (HTTP/1.1 and HTTP/2 on one port, TLS with
-//! ALPN when a certificate is configured) and the admin listener, and serves until
-//! [`Proxy::shutdown`]. Each request passes CORS, then the [`ingress`] adapter turns gRPC-Web
+//! ALPN when a certificate is configured), the HTTP/3 listener on UDP when configured, and the
+//! admin listener, and serves until [`Proxy::shutdown`]. The egress transport follows the
+//! upstream's scheme: HTTP/3 for `h3://`, HTTP/2 otherwise. Each request passes CORS, then the [`ingress`] adapter turns gRPC-Web
 //! (binary or text) or native gRPC into a [`pnp_call::Call`], the call goes to an egress
 //! transport, and the reply is driven back to the client by a [`reply::ReplyBody`] that enforces
 //! the deadline, shutdown and the rule that every call ends with exactly one status.
