@@ -729,3 +729,42 @@ async fn the_tcp_listener_advertises_http3_with_alt_svc() {
 fn encode_frames_web(message: &[u8]) -> Bytes {
     frame(message)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_cluster_ends_calls_over_h3_with_the_shutdown_status_after_its_grace() {
+    let Bridge {
+        upstream,
+        cluster,
+        edge,
+        _certs,
+    } = Bridge::start().await;
+    let client = RawClient::new(edge.local_addr(), Mode::GrpcH2);
+    let mut stream = client
+        .start(
+            FULL_DUPLEX_CALL,
+            &[],
+            &[&encode(&ping_then_sleep_request())],
+        )
+        .await;
+    stream
+        .next_message()
+        .await
+        .expect("the first message before the shutdown");
+    let grace = Duration::from_millis(300);
+    let started = Instant::now();
+    let shutdown = tokio::spawn(cluster.shutdown_with_grace(grace));
+    let (status, message) = stream.finish().await.expect("a status");
+    let ended = started.elapsed();
+    assert_eq!(status, code::UNAVAILABLE, "{message}");
+    assert!(message.contains("shutting down"), "{message}");
+    assert!(
+        ended >= grace && ended < grace + Duration::from_secs(2),
+        "the call ended {ended:?} after the shutdown began (grace {grace:?})"
+    );
+    tokio::time::timeout(Duration::from_secs(5), shutdown)
+        .await
+        .expect("the cluster's HTTP/3 connections closed after their calls")
+        .expect("shutdown task");
+    edge.shutdown_with_grace(Duration::from_millis(100)).await;
+    upstream.shutdown().await;
+}

@@ -20,9 +20,19 @@ use h3::quic::{self, ConnectionErrorIncoming, StreamErrorIncoming, StreamId, Wri
 use quinn::VarInt;
 use tokio_util::sync::ReusableBoxFuture;
 
-/// Resolves when the client sent STOP_SENDING for a response stream (its code) or the
-/// connection was lost (`None`); never when the response was simply read to its end.
-pub(crate) type StopSignal = Pin<Box<dyn Future<Output = Option<u64>> + Send>>;
+/// How a response stream ended for the client, as quinn's `SendStream::stopped` tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StreamEnd {
+    /// The client sent STOP_SENDING with this code: it wants no more of the response.
+    Stopped(u64),
+    /// The connection was lost.
+    Lost,
+    /// The response was finished and the client acknowledged all of it (only after a finish).
+    Acknowledged,
+}
+
+/// Resolves with how a response stream ended (see [`StreamEnd`]).
+pub(crate) type StopSignal = Pin<Box<dyn Future<Output = StreamEnd> + Send>>;
 
 /// The stop signals of a connection's request streams, by stream id, until their pipes take
 /// them.
@@ -42,15 +52,14 @@ impl StopSignals {
     }
 }
 
-/// What `stopped()` says, as a stop signal: a code for STOP_SENDING, `None` for a lost
-/// connection, and never for a stream whose data was all acknowledged.
+/// What `stopped()` says, as a stop signal.
 fn stop_signal(send: &quinn::SendStream) -> StopSignal {
     let stopped = send.stopped();
     Box::pin(async move {
         match stopped.await {
-            Ok(Some(code)) => Some(code.into_inner()),
-            Ok(None) => std::future::pending().await,
-            Err(_) => None,
+            Ok(Some(code)) => StreamEnd::Stopped(code.into_inner()),
+            Ok(None) => StreamEnd::Acknowledged,
+            Err(_) => StreamEnd::Lost,
         }
     })
 }

@@ -32,6 +32,7 @@ use bytes::Buf;
 use futures_util::future::Future;
 use h3::error::Code;
 use http::Response;
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use pnp_config::{H3Listener, TlsFiles};
 use pnp_telemetry::Metrics;
@@ -64,6 +65,10 @@ const MAX_UNI_STREAMS: u32 = 16;
 const MAX_HEADER_LIST: u64 = 64 << 10;
 /// QUIC idle timeout when the listener sends no keepalives.
 const IDLE_WITHOUT_KEEPALIVE: Duration = Duration::from_secs(300);
+/// How long a finished response may take to be acknowledged before its stream counts as done.
+/// Closing a QUIC connection drops whatever it has not delivered yet, so a draining
+/// connection closes only once its last responses (with their statuses) have arrived.
+const DELIVERY_WAIT: Duration = Duration::from_secs(5);
 
 /// The HTTP/3 listener's budgets.
 #[derive(Clone, Debug)]
@@ -393,6 +398,7 @@ async fn serve_stream<S: CallService>(
     for name in CONNECTION_HEADERS {
         parts.headers.remove(name);
     }
+    let end_of_stream = body.is_end_stream();
     tokio::select! {
         sent = send.send_response(Response::from_parts(parts, ())) => {
             if let Err(e) = sent {
@@ -402,7 +408,16 @@ async fn serve_stream<S: CallService>(
         }
         _ = &mut stopped => return,
     }
-    pipe(body, send, &reset, stopped, metrics).await;
+    if end_of_stream {
+        // Trailers-Only: the headers were the whole response.
+        if let Step::Done = watch(send.finish(), &reset, &mut stopped).await {
+            let _ = tokio::time::timeout(DELIVERY_WAIT, stopped).await;
+        }
+        return;
+    }
+    if pipe(body, send, &reset, &mut stopped, metrics).await {
+        let _ = tokio::time::timeout(DELIVERY_WAIT, stopped).await;
+    }
 }
 
 /// What woke the pipe.
@@ -416,71 +431,59 @@ enum Event {
     Frame(Option<Result<http_body::Frame<FrameBuf>, crate::reply::CutShort>>),
 }
 
-/// Write a reply body to an HTTP/3 stream, one frame at a time (see the module docs).
+/// Write a reply body to an HTTP/3 stream, one frame at a time (see the module docs). True
+/// when the response was finished cleanly (its delivery is then worth waiting for).
 async fn pipe(
     mut body: ReplyBody,
     mut send: H3Send,
     reset: &ClientReset,
-    mut stopped: StopSignal,
+    stopped: &mut StopSignal,
     metrics: &Metrics,
-) {
+) -> bool {
     loop {
         let event = tokio::select! {
             biased;
             () = reset.token.cancelled() => Event::Reset,
-            _ = &mut stopped => Event::Gone,
+            _ = &mut *stopped => Event::Gone,
             frame = body.frame() => Event::Frame(frame),
         };
         let step = match event {
             Event::Reset => Step::Reset,
-            Event::Gone => return,
+            Event::Gone => return false,
             Event::Frame(Some(Err(_cut))) => {
                 send.stop_stream(Code::H3_INTERNAL_ERROR);
-                return;
+                return false;
             }
-            Event::Frame(None) => {
-                let step = watch(send.finish(), reset, &mut stopped).await;
-                if let Step::Reset = step {
-                    metrics.client_reset("h3");
-                    send.stop_stream(Code::H3_REQUEST_CANCELLED);
-                }
-                return;
-            }
+            Event::Frame(None) => watch(send.finish(), reset, stopped).await,
             Event::Frame(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) if !data.has_remaining() => continue,
                 Ok(data) => {
                     let write = send.send_data(data);
-                    let step = write_once_then_watch(write, reset, &mut stopped).await;
-                    if let Step::Done = step {
-                        continue;
+                    match write_once_then_watch(write, reset, stopped).await {
+                        Step::Done => continue,
+                        other => other,
                     }
-                    step
                 }
                 Err(frame) => {
                     let Ok(trailers) = frame.into_trailers() else {
                         continue;
                     };
-                    let step = watch(send.send_trailers(trailers), reset, &mut stopped).await;
-                    let step = match step {
-                        Step::Done => watch(send.finish(), reset, &mut stopped).await,
+                    match watch(send.send_trailers(trailers), reset, stopped).await {
+                        Step::Done => watch(send.finish(), reset, stopped).await,
                         other => other,
-                    };
-                    if let Step::Reset = step {
-                        metrics.client_reset("h3");
-                        send.stop_stream(Code::H3_REQUEST_CANCELLED);
                     }
-                    return;
                 }
             },
         };
+        // Only a finish (end of body, or trailers) reaches here as `Done`.
         match step {
-            Step::Done => {}
+            Step::Done => return true,
             Step::Reset => {
                 metrics.client_reset("h3");
                 send.stop_stream(Code::H3_REQUEST_CANCELLED);
-                return;
+                return false;
             }
-            Step::Gone => return,
+            Step::Gone => return false,
         }
     }
 }
