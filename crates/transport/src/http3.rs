@@ -316,6 +316,18 @@ impl Inner {
         }
     }
 
+    /// Stop handing out `conn` to new calls (calls already on it go on).
+    async fn forget(&self, conn: &Connected) {
+        let mut slot = self.conn.lock().await;
+        if slot
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.quic.stable_id() == conn.quic.stable_id())
+        {
+            slot.conn = None;
+        }
+    }
+
     async fn connect(&self) -> Result<Connected, TransportError> {
         let addr = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await
@@ -508,10 +520,19 @@ impl tower::Service<Call> for Http3Transport {
             let request = inner.request(&call.head)?;
             let conn = inner.connection().await?;
             let mut sender = conn.send.clone();
-            let stream = sender
-                .send_request(request)
-                .await
-                .map_err(|e| TransportError::from_h3(&e, "upstream request failed"))?;
+            let stream = match sender.send_request(request).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    let err = TransportError::from_h3(&e, "upstream request failed");
+                    if err.unprocessed {
+                        // GOAWAY: the peer is draining. Its connection stays open for the
+                        // calls it still runs, but takes no new ones: the next call connects
+                        // afresh (to whatever now answers at the address).
+                        inner.forget(&conn).await;
+                    }
+                    return Err(err);
+                }
+            };
             let (send, recv) = stream.split();
             let cancel = CancellationToken::new();
             tokio::spawn(pump(
