@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod certs;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use pnp_config::{Config, UpstreamTarget};
@@ -31,6 +33,8 @@ enum LogFormat {
 }
 
 #[derive(Subcommand, Debug)]
+// Parsed once at start-up: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the proxy. With no arguments: 127.0.0.1:8080 in front of the built-in demo upstreams,
     /// admin on 127.0.0.1:9901.
@@ -42,6 +46,20 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
     },
+    /// Make certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCommand {
+    /// Write a development CA (ca.pem, ca-key.pem), a server certificate for localhost,
+    /// 127.0.0.1 and ::1 (server.pem, server-key.pem) and a client certificate for mTLS
+    /// (client.pem, client-key.pem) into DIR. Keys are mode 0600; existing files are kept.
+    Dev {
+        /// Directory to write into (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -52,9 +70,23 @@ struct ServeArgs {
     /// Data-plane listen address.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Upstream gRPC server: http://host:port (h2c), https://host:port (TLS) or `demo`.
+    /// HTTP/3 (QUIC, UDP) listen address beside the TCP one; needs --tls-cert and --tls-key.
+    #[arg(long)]
+    listen_h3: Option<SocketAddr>,
+    /// PEM certificate chain of the listeners (TLS on TCP, and HTTP/3); with --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Upstream gRPC server: http://host:port (h2c), https://host:port (TLS), h3://host:port
+    /// (HTTP/3 to a peer pnp's --listen-h3) or `demo`.
     #[arg(long)]
     upstream: Option<String>,
+    /// Extra PEM root certificates to trust for https:// and h3:// upstreams (beside the
+    /// system roots), e.g. the ca.pem of `pnp certs dev`.
+    #[arg(long)]
+    upstream_ca: Option<PathBuf>,
     /// Admin listen address (/healthz, /readyz).
     #[arg(long)]
     admin: Option<SocketAddr>,
@@ -104,6 +136,12 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Demo { listen } => demo(listen).await,
+            Command::Certs(CertsCommand::Dev { dir }) => {
+                for path in certs::write_dev(&dir)? {
+                    println!("wrote {}", path.display());
+                }
+                Ok(())
+            }
         }
     })
 }
@@ -133,6 +171,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(upstream) = &args.upstream {
         config.upstream.target = Config::parse_upstream(upstream)?;
+    }
+    if let Some(ca) = &args.upstream_ca {
+        config.upstream.ca = Some(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        config.listener.tls = Some(pnp_config::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        });
+    }
+    if let Some(addr) = args.listen_h3 {
+        let mut h3 = config
+            .listener
+            .h3
+            .take()
+            .unwrap_or_else(|| pnp_config::H3Listener::new(addr));
+        h3.addr = addr;
+        config.listener.h3 = Some(h3);
     }
     if let Some(grace) = args.grace_period {
         config.shutdown.grace_period = grace;
@@ -181,6 +237,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .admin_addr()
             .map_or_else(|| "off".to_owned(), |a| format!("http://{a}"))
     );
+    if let Some(h3) = proxy.local_h3_addr() {
+        eprintln!("pnp listening for HTTP/3 on {h3} (UDP)");
+    }
     shutdown_signal().await;
     tracing::info!("signal received: stopping");
     proxy.shutdown().await;

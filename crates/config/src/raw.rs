@@ -9,9 +9,9 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 use crate::{
-    parse_code, parse_size, AllowedOrigins, Config, ConfigError, Cors, FirstMessage, Jobs, Limits,
-    Profile, Resilience, RetrySettings, Route, Shutdown, TlsFiles, Upstream, UpstreamTarget,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE_PERIOD, DEFAULT_PROFILE,
+    parse_code, parse_size, AllowedOrigins, Config, ConfigError, Cors, FirstMessage, H3Listener,
+    Jobs, Limits, Profile, Resilience, RetrySettings, Route, Shutdown, TlsFiles, Upstream,
+    UpstreamTarget, DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE_PERIOD, DEFAULT_PROFILE,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -141,6 +141,15 @@ struct RawListener {
     keepalive_interval: Option<String>,
     keepalive_timeout: Option<String>,
     tcp_keepalive: Option<String>,
+    h3: Option<RawH3>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawH3 {
+    addr: String,
+    stream_window: Option<String>,
+    connection_window: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -474,10 +483,18 @@ pub(crate) fn parse_upstream(key: &str, text: &str) -> Result<UpstreamTarget, Co
     let url = url::Url::parse(text).map_err(|e| invalid(key, format!("`{text}`: {e}")))?;
     match url.scheme() {
         "http" | "https" | "h1" | "h1s" => {}
+        "h3" => {
+            if url.port().is_none() {
+                return Err(invalid(
+                    key,
+                    format!("`{text}` needs a port (h3://host:port, the peer's UDP port)"),
+                ));
+            }
+        }
         other => {
             return Err(invalid(
                 key,
-                format!("scheme `{other}` is not supported (use http:// for h2c, https:// for HTTP/2 over TLS, h1:// or h1s:// for chunked HTTP/1.1, or `demo`)"),
+                format!("scheme `{other}` is not supported (use http:// for h2c, https:// for HTTP/2 over TLS, h1:// or h1s:// for chunked HTTP/1.1, h3:// for HTTP/3, or `demo`)"),
             ))
         }
     }
@@ -537,6 +554,43 @@ impl RawConfig {
         if let Some(text) = &l.tcp_keepalive {
             config.listener.tcp_keepalive =
                 parse_optional_duration("listener.tcp_keepalive", text)?;
+        }
+        if let Some(h3) = &l.h3 {
+            let window = |key: &str, text: &Option<String>, default: u64| match text {
+                Some(text) => {
+                    let size = parse_size(text).map_err(|reason| invalid(key, reason))?;
+                    // QUIC windows are varints (< 2^62); below 64 KiB bulk cannot flow.
+                    if !(64 * 1024..=(1 << 40)).contains(&(size as u64)) {
+                        return Err(invalid(key, "must be 64KiB … 1TiB"));
+                    }
+                    Ok(size as u64)
+                }
+                None => Ok(default),
+            };
+            let mut listener = H3Listener::new(parse_addr("listener.h3.addr", &h3.addr)?);
+            listener.stream_window = window(
+                "listener.h3.stream_window",
+                &h3.stream_window,
+                listener.stream_window,
+            )?;
+            listener.connection_window = window(
+                "listener.h3.connection_window",
+                &h3.connection_window,
+                listener.connection_window,
+            )?;
+            if listener.connection_window < listener.stream_window {
+                return Err(invalid(
+                    "listener.h3.connection_window",
+                    "is smaller than stream_window",
+                ));
+            }
+            if config.listener.tls.is_none() {
+                return Err(invalid(
+                    "listener.h3",
+                    "HTTP/3 needs TLS: set listener.tls = { cert = \"…\", key = \"…\" }",
+                ));
+            }
+            config.listener.h3 = Some(listener);
         }
         if let Some(trust) = self.edge.trust_job_header {
             config.edge.trust_job_header = trust;
@@ -950,6 +1004,57 @@ mod tests {
         assert_eq!(config.jobs.profile_for(None, None, Some("chat")), "chat");
         assert_eq!(config.edge, Config::demo().edge);
         assert!(config.cors.http_headers_param);
+    }
+
+    #[test]
+    fn an_h3_listener_with_tls_and_an_h3_upstream() {
+        let config = Config::from_toml(
+            r#"
+            [listener]
+            tls = { cert = "server.pem", key = "server-key.pem" }
+            h3 = { addr = "127.0.0.1:8443", stream_window = "16MiB" }
+            [upstream]
+            url = "h3://cluster.internal:8443"
+            ca = "ca.pem"
+            "#,
+        )
+        .expect("parses");
+        let h3 = config.listener.h3.expect("an h3 listener");
+        assert_eq!(h3.addr, "127.0.0.1:8443".parse().expect("addr"));
+        assert_eq!(h3.stream_window, 16 << 20);
+        assert_eq!(h3.connection_window, crate::DEFAULT_H3_CONNECTION_WINDOW);
+        assert!(matches!(config.upstream.target, UpstreamTarget::Url(ref u) if u.scheme() == "h3"));
+        assert_eq!(Config::demo().listener.h3, None);
+    }
+
+    #[test]
+    fn bad_h3_settings_name_their_key() {
+        let tls = "tls = { cert = \"c\", key = \"k\" }\n";
+        for (doc, key) in [
+            (
+                "[listener]\nh3 = { addr = \"127.0.0.1:1\" }".to_owned(),
+                "listener.h3",
+            ),
+            (
+                format!("[listener]\n{tls}h3 = {{ addr = \"x\" }}"),
+                "listener.h3.addr",
+            ),
+            (
+                format!("[listener]\n{tls}h3 = {{ addr = \"127.0.0.1:1\", stream_window = \"1KiB\" }}"),
+                "listener.h3.stream_window",
+            ),
+            (
+                format!("[listener]\n{tls}h3 = {{ addr = \"127.0.0.1:1\", connection_window = \"1MiB\" }}"),
+                "listener.h3.connection_window",
+            ),
+            (
+                "[upstream]\nurl = \"h3://peer\"".to_owned(),
+                "upstream.url",
+            ),
+        ] {
+            let err = Config::from_toml(&doc).expect_err(&doc);
+            assert!(err.to_string().contains(key), "{doc}: {err}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Request bodies from either HTTP stack: hyper's [`Incoming`] (HTTP/1.1) or an h2
-//! [`RecvStream`] (HTTP/2, served by [`crate::h2server`]).
+//! Request bodies from every HTTP stack: hyper's [`Incoming`] (HTTP/1.1), an h2
+//! [`RecvStream`] (HTTP/2, served by [`crate::h2server`]) or the receiving side of an HTTP/3
+//! request stream (served by [`crate::h3server`]).
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -7,6 +8,7 @@ use std::task::{ready, Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use pnp_transport::http3::{gather_chunks, Gathered};
 
 /// Why a request body could not be read (the client reset the stream, the connection broke).
 pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -18,6 +20,8 @@ pub enum RequestBody {
     Http1(Incoming),
     /// HTTP/2, read from an h2 stream.
     Http2(H2Body),
+    /// HTTP/3, read from a QUIC stream.
+    Http3(H3Body),
     /// No body (tests, requests made in-process).
     Empty,
 }
@@ -74,6 +78,64 @@ impl Body for H2Body {
     }
 }
 
+/// The receiving side of an HTTP/3 request stream.
+pub(crate) type H3Recv =
+    h3::server::RequestStream<crate::h3quic::QuicRecv, pnp_wire::frame::FrameBuf>;
+
+/// An HTTP/3 request body. QUIC returns flow-control credit as data is read, so the stream's
+/// receive window is what bounds the bytes pnp holds for it. Packets' worth of data that are
+/// ready together are handed on as one chunk ([`gather_chunks`]).
+pub struct H3Body {
+    recv: H3Recv,
+    /// The end or failure met while gathering data, for the next poll.
+    held: Option<Gathered<h3::error::StreamError>>,
+    data_done: bool,
+}
+
+impl std::fmt::Debug for H3Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H3Body")
+            .field("stream", &self.recv.id())
+            .field("data_done", &self.data_done)
+            .finish()
+    }
+}
+
+impl H3Body {
+    pub(crate) fn new(recv: H3Recv) -> Self {
+        Self {
+            recv,
+            held: None,
+            data_done: false,
+        }
+    }
+}
+
+impl Body for H3Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if !self.data_done {
+            let this = &mut *self;
+            let (held, recv) = (&mut this.held, &mut this.recv);
+            match ready!(gather_chunks(held, cx, |cx| recv.poll_recv_data(cx))) {
+                Gathered::Data(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Gathered::End => self.data_done = true,
+                Gathered::Failed(e) => return Poll::Ready(Some(Err(e.into()))),
+            }
+        }
+        match ready!(self.recv.poll_recv_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e.into()))),
+        }
+    }
+}
+
 impl Body for RequestBody {
     type Data = Bytes;
     type Error = BodyError;
@@ -85,6 +147,7 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             RequestBody::Http2(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Http3(body) => Pin::new(body).poll_frame(cx),
             RequestBody::Empty => Poll::Ready(None),
         }
     }
@@ -93,6 +156,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Http1(body) => body.is_end_stream(),
             RequestBody::Http2(body) => body.is_end_stream(),
+            RequestBody::Http3(body) => body.is_end_stream(),
             RequestBody::Empty => true,
         }
     }
@@ -100,7 +164,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Http1(body) => body.size_hint(),
-            RequestBody::Http2(_) => SizeHint::default(),
+            RequestBody::Http2(_) | RequestBody::Http3(_) => SizeHint::default(),
             RequestBody::Empty => SizeHint::with_exact(0),
         }
     }

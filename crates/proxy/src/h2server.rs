@@ -179,24 +179,24 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// Streams open on one connection, and a signal when the last one ends.
 #[derive(Default)]
-struct StreamCount {
+pub(crate) struct StreamCount {
     open: AtomicUsize,
     idle: tokio::sync::Notify,
 }
 
-struct StreamGuard(Arc<StreamCount>);
+pub(crate) struct StreamGuard(Arc<StreamCount>);
 
 impl StreamCount {
-    fn enter(self: &Arc<Self>) -> StreamGuard {
+    pub(crate) fn enter(self: &Arc<Self>) -> StreamGuard {
         self.open.fetch_add(1, Ordering::AcqRel);
         StreamGuard(self.clone())
     }
 
-    fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         self.open.load(Ordering::Acquire) == 0
     }
 
-    async fn went_idle(&self) {
+    pub(crate) async fn went_idle(&self) {
         loop {
             let notified = self.idle.notified();
             if self.is_idle() {
@@ -216,7 +216,7 @@ impl Drop for StreamGuard {
 }
 
 /// Headers HTTP/2 forbids in a response (RFC 9113 §8.2.2); h2 refuses a response carrying them.
-const CONNECTION_HEADERS: [&str; 5] = [
+pub(crate) const CONNECTION_HEADERS: [&str; 5] = [
     "connection",
     "keep-alive",
     "proxy-connection",

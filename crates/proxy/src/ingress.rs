@@ -1,5 +1,5 @@
-//! The ingress adapter: gRPC-Web (binary and text, over HTTP/1.1 or HTTP/2) and native gRPC
-//! (HTTP/2) in, the call model out.
+//! The ingress adapter: gRPC-Web (binary and text, over HTTP/1.1, HTTP/2 or HTTP/3) and native
+//! gRPC (HTTP/2 or HTTP/3) in, the call model out.
 //!
 //! PROTOCOL-WEB.md: the request is a gRPC request with a different content type; the response
 //! carries the trailers as a final 0x80 frame in the body. `application/grpc-web-text` bodies are
@@ -460,9 +460,10 @@ fn accept(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let encoding = match protocol {
-        Protocol::Grpc if parts.version != Version::HTTP_2 => {
+        // HTTP/3 carries trailers like HTTP/2 does.
+        Protocol::Grpc if parts.version != Version::HTTP_2 && parts.version != Version::HTTP_3 => {
             return Err(unsupported(
-                "pnp: native gRPC needs HTTP/2 (it ends with HTTP trailers); over HTTP/1.1 use application/grpc-web".to_owned(),
+                "pnp: native gRPC needs HTTP/2 or HTTP/3 (it ends with HTTP trailers); over HTTP/1.1 use application/grpc-web".to_owned(),
             ))
         }
         Protocol::Grpc => Encoding::Grpc,

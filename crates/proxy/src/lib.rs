@@ -1,8 +1,9 @@
 //! The pnp data plane.
 //!
 //! [`Proxy::start`] binds the data-plane listener (HTTP/1.1 and HTTP/2 on one port, TLS with
-//! ALPN when a certificate is configured) and the admin listener, and serves until
-//! [`Proxy::shutdown`]. Each request passes CORS, then the [`ingress`] adapter turns gRPC-Web
+//! ALPN when a certificate is configured), the HTTP/3 listener on UDP when configured, and the
+//! admin listener, and serves until [`Proxy::shutdown`]. The egress transport follows the
+//! upstream's scheme: HTTP/3 for `h3://`, HTTP/2 otherwise. Each request passes CORS, then the [`ingress`] adapter turns gRPC-Web
 //! (binary or text) or native gRPC into a [`pnp_call::Call`], the call goes to an egress
 //! transport, and the reply is driven back to the client by a [`reply::ReplyBody`] that enforces
 //! the deadline, shutdown and the rule that every call ends with exactly one status.
@@ -19,6 +20,8 @@ mod budget;
 mod conn;
 mod cors;
 mod h2server;
+mod h3quic;
+mod h3server;
 pub mod ingress;
 mod listener;
 mod profiles;
@@ -40,10 +43,11 @@ use pnp_config::{Config, UpstreamTarget};
 use pnp_telemetry::Metrics;
 use pnp_transport::http1::{Http1Options, Http1Transport};
 use pnp_transport::http2::{Http2Options, Http2Transport};
+use pnp_transport::http3::{Http3Options, Http3Transport};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use body::{H2Body, RequestBody};
+pub use body::{H2Body, H3Body, RequestBody};
 pub use ingress::Ingress;
 
 /// Why the proxy could not start.
@@ -81,6 +85,7 @@ impl Health {
 #[derive(Debug)]
 pub struct Proxy {
     local_addr: SocketAddr,
+    local_h3_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     grace_period: Duration,
     health: Arc<Health>,
@@ -88,7 +93,16 @@ pub struct Proxy {
     stop_accepting: CancellationToken,
     end_streams: CancellationToken,
     listener: JoinHandle<listener::Drain>,
+    h3: Option<H3Listener>,
     admin: Option<JoinHandle<()>>,
+}
+
+/// The running HTTP/3 listener: its accept loop and its endpoint (kept until the connections'
+/// closes are sent).
+#[derive(Debug)]
+struct H3Listener {
+    accept: JoinHandle<listener::Drain>,
+    endpoint: quinn::Endpoint,
 }
 
 impl Proxy {
@@ -116,6 +130,17 @@ impl Proxy {
                         connect_timeout: config.upstream.connect_timeout,
                         max_connections: config.upstream.h1_connections,
                         max_idle: config.upstream.h1_connections,
+                    })
+                    .map_err(io_err("configuring the upstream".into()))?,
+                ),
+                Some(pnp_transport::Kind::H3) => Arc::new(
+                    Http3Transport::new(Http3Options {
+                        upstream,
+                        extra_roots_pem,
+                        connect_timeout: config.upstream.connect_timeout,
+                        keepalive_timeout: config.resilience.keepalive_timeout,
+                        stream_window: pnp_transport::http3::DEFAULT_STREAM_WINDOW,
+                        connection_window: pnp_transport::http3::DEFAULT_CONNECTION_WINDOW,
                     })
                     .map_err(io_err("configuring the upstream".into()))?,
                 ),
@@ -174,6 +199,52 @@ impl Proxy {
             .layer(cors::layer(&config.cors))
             .service(ingress);
 
+        // HTTP/3 beside TCP: QUIC has no plaintext, so it needs the listener's certificate.
+        let h3 = match (&config.listener.h3, &config.listener.tls) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(StartError::Config(
+                    "listener.h3 (--listen-h3) needs a TLS certificate: set listener.tls \
+                     (--tls-cert FILE --tls-key FILE)"
+                        .into(),
+                ))
+            }
+            (Some(h3), Some(files)) => {
+                let settings = h3server::H3Settings::new(
+                    &config.listener,
+                    h3,
+                    listener::MAX_CONCURRENT_STREAMS,
+                );
+                let endpoint = h3server::bind(h3.addr, files, &settings)
+                    .map_err(io_err(format!("binding HTTP/3 (UDP) {}", h3.addr)))?;
+                let addr = endpoint
+                    .local_addr()
+                    .map_err(io_err("reading the HTTP/3 address".into()))?;
+                let accept = tokio::spawn(h3server::serve(
+                    endpoint.clone(),
+                    service.clone(),
+                    stop_accepting.clone(),
+                    settings,
+                    metrics.clone(),
+                ));
+                Some((addr, H3Listener { accept, endpoint }))
+            }
+        };
+        let local_h3_addr = h3.as_ref().map(|(addr, _)| *addr);
+        let h3 = h3.map(|(_, listener)| listener);
+        // Browsers learn of the HTTP/3 listener from `alt-svc` on the TCP listener's answers.
+        let alt_svc = local_h3_addr.map(|addr| h3server::alt_svc(addr.port()));
+        let service = tower::ServiceBuilder::new()
+            .map_response(move |mut response: http::Response<reply::ReplyBody>| {
+                if let Some(value) = &alt_svc {
+                    response
+                        .headers_mut()
+                        .insert(http::header::ALT_SVC, value.clone());
+                }
+                response
+            })
+            .service(service);
+
         let tcp = listener::bind(config.listener.addr)
             .map_err(io_err(format!("binding {}", config.listener.addr)))?;
         let local_addr = tcp
@@ -215,9 +286,10 @@ impl Proxy {
             }
             None => (None, None),
         };
-        tracing::info!(%local_addr, admin = ?admin_addr, tls = config.listener.tls.is_some(), "pnp data plane listening");
+        tracing::info!(%local_addr, h3 = ?local_h3_addr, admin = ?admin_addr, tls = config.listener.tls.is_some(), "pnp data plane listening");
         Ok(Proxy {
             local_addr,
+            local_h3_addr,
             admin_addr,
             grace_period: config.shutdown.grace_period,
             health,
@@ -225,6 +297,7 @@ impl Proxy {
             stop_accepting,
             end_streams,
             listener,
+            h3,
             admin,
         })
     }
@@ -232,6 +305,11 @@ impl Proxy {
     /// The data-plane address (useful when the configured port was 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The HTTP/3 (UDP) address, if the HTTP/3 listener runs.
+    pub fn local_h3_addr(&self) -> Option<SocketAddr> {
+        self.local_h3_addr
     }
 
     /// The admin address, if the admin listener is enabled.
@@ -262,9 +340,27 @@ impl Proxy {
                 return;
             }
         };
-        let connections = drain.connections();
+        let (h3_drain, endpoint) = match self.h3 {
+            Some(h3) => match h3.accept.await {
+                Ok(drain) => (Some(drain), Some(h3.endpoint)),
+                Err(e) => {
+                    tracing::error!(error = %e, "HTTP/3 listener task failed");
+                    (None, Some(h3.endpoint))
+                }
+            },
+            None => (None, None),
+        };
+        let connections =
+            drain.connections() + h3_drain.as_ref().map_or(0, listener::Drain::connections);
         tracing::info!(connections, ?grace, "draining");
-        let finished = drain.shutdown();
+        let finished = async move {
+            match h3_drain {
+                Some(h3) => {
+                    tokio::join!(drain.shutdown(), h3.shutdown());
+                }
+                None => drain.shutdown().await,
+            }
+        };
         tokio::pin!(finished);
         tokio::select! {
             () = &mut finished => {}
@@ -275,6 +371,10 @@ impl Proxy {
                     tracing::warn!("connections still open 5 s after their streams were ended");
                 }
             }
+        }
+        if let Some(endpoint) = endpoint {
+            // Let the connections' CONNECTION_CLOSE frames go out.
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         }
         if let Some(admin) = self.admin {
             admin.abort();

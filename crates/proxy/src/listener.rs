@@ -39,7 +39,7 @@ use crate::reply::ReplyBody;
 const HEADER_CLOCK_TICK: Duration = Duration::from_secs(1);
 /// Concurrent streams per HTTP/2 connection. Browsers open at most ~100; gRPC clients multiplex
 /// many token streams over one connection.
-const MAX_CONCURRENT_STREAMS: u32 = 1024;
+pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// The HTTP/2 connection preface a prior-knowledge client starts with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -69,6 +69,11 @@ pub(crate) struct Drain {
 }
 
 impl Drain {
+    /// The connections of a listener that stopped accepting: each watches `signal`.
+    pub(crate) fn new(tracker: TaskTracker, signal: CancellationToken) -> Self {
+        Self { tracker, signal }
+    }
+
     /// Connections still open.
     pub(crate) fn connections(&self) -> usize {
         self.tracker.len()

@@ -445,7 +445,7 @@ impl Metrics {
     }
 
     /// A call's client stream was reset (or its HTTP/1.1 connection closed) because the
-    /// client did not read the call's final status; `protocol` is `h1` or `h2`.
+    /// client did not read the call's final status; `protocol` is `h1`, `h2` or `h3`.
     pub fn client_reset(&self, protocol: &'static str) {
         self.inner
             .client_resets

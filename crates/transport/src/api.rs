@@ -110,6 +110,9 @@ pub struct Estimate {
     /// Smoothed time from sending a request to its response head (RFC 6298's SRTT filter): the
     /// round trip plus the upstream's time to answer, so an upper bound of the RTT.
     pub head_latency: Option<Duration>,
+    /// The round-trip time the protocol itself measures, where it does (QUIC, from its
+    /// acknowledgements).
+    pub rtt: Option<Duration>,
     /// Smoothed throughput of large replies (at least [`Meter::BULK_BYTES`]), bytes per second.
     pub bandwidth: Option<f64>,
     /// Calls that got a reply.

@@ -3,7 +3,8 @@
 //! A transport is a [`tower::Service`] that takes a [`pnp_call::Call`] and returns a
 //! [`pnp_call::Reply`], so the router chooses among transports the way a load balancer chooses
 //! among endpoints. One module per protocol; transports do not depend on each other. Today:
-//! [`http2`] (gRPC over HTTP/2, cleartext or TLS). QUIC, chunked HTTP/1.1 and UCX join later.
+//! [`http2`] (gRPC over HTTP/2, cleartext or TLS) and [`http3`] (gRPC over HTTP/3 to a peer
+//! pnp). Chunked HTTP/1.1 and UCX join later.
 //!
 //! Every failure comes back as a [`TransportError`] that carries the gRPC status the client will
 //! see, who is to blame, and whether the request could have reached the upstream (which decides
@@ -16,6 +17,7 @@ mod connect;
 mod error;
 pub mod http1;
 pub mod http2;
+pub mod http3;
 mod metadata;
 
 pub use api::{

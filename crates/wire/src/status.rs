@@ -154,6 +154,23 @@ impl Code {
             _ => Code::Internal,
         }
     }
+
+    /// The code for an HTTP/3 stream reset or connection close with this error code (RFC 9114
+    /// §8.1), mapped like the HTTP/2 codes they correspond to.
+    pub fn from_h3_code(code: u64) -> Code {
+        match code {
+            // H3_REQUEST_REJECTED (REFUSED_STREAM): no work was done; retry elsewhere.
+            // H3_VERSION_FALLBACK: the request should be retried over HTTP/1.1 or HTTP/2.
+            0x10b | 0x110 => Code::Unavailable,
+            // H3_REQUEST_CANCELLED (CANCEL)
+            0x10c => Code::Cancelled,
+            // H3_EXCESSIVE_LOAD (ENHANCE_YOUR_CALM)
+            0x107 => Code::ResourceExhausted,
+            // H3_NO_ERROR on a stream cut short, protocol, internal, frame, settings, message
+            // and QPACK errors, and codes the spec does not know.
+            _ => Code::Internal,
+        }
+    }
 }
 
 impl fmt::Display for Code {
@@ -373,6 +390,24 @@ mod tests {
         ];
         for (reason, code) in expected {
             assert_eq!(Code::from_h2_reason(reason), code, "{reason:#x}");
+        }
+    }
+
+    #[test]
+    fn h3_error_codes_map_like_their_h2_counterparts() {
+        for (code, expected) in [
+            (0x100, Code::Internal),          // H3_NO_ERROR
+            (0x101, Code::Internal),          // H3_GENERAL_PROTOCOL_ERROR
+            (0x102, Code::Internal),          // H3_INTERNAL_ERROR
+            (0x107, Code::ResourceExhausted), // H3_EXCESSIVE_LOAD
+            (0x10b, Code::Unavailable),       // H3_REQUEST_REJECTED
+            (0x10c, Code::Cancelled),         // H3_REQUEST_CANCELLED
+            (0x10d, Code::Internal),          // H3_REQUEST_INCOMPLETE
+            (0x110, Code::Unavailable),       // H3_VERSION_FALLBACK
+            (0x0, Code::Internal),
+            (u64::MAX, Code::Internal),
+        ] {
+            assert_eq!(Code::from_h3_code(code), expected, "{code:#x}");
         }
     }
 

@@ -6,6 +6,9 @@
 
 #![allow(dead_code, unreachable_pub)] // each test binary uses a different part
 
+pub mod bulk;
+pub mod h3;
+
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
