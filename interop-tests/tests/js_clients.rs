@@ -11,9 +11,12 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use pnp_demo::DemoStats;
 use pnp_interop_tests::Stack;
+use support::bridge::{BridgeStack, Hop};
 use support::{node_test, StatsEndpoint};
 
 /// Cases every gRPC-Web client runs (client streaming is impossible over gRPC-Web).
@@ -59,7 +62,20 @@ enum Kind {
 /// and checks that exactly the expected cases passed.
 async fn run_client(client: &str, kind: Kind) {
     let stack = Stack::start().await;
-    let stats = StatsEndpoint::start(stack.stats()).await;
+    run_cases(client, kind, stack.proxy_addr(), stack.stats(), "h2").await;
+    stack.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Runs the cases with `client` against pnp at `proxy`, in front of an upstream whose counters
+/// are `stats`; replies must name `transport` in `x-pnp-transport`.
+async fn run_cases(
+    client: &str,
+    kind: Kind,
+    proxy: SocketAddr,
+    upstream: DemoStats,
+    transport: &str,
+) {
+    let stats = StatsEndpoint::start(upstream.clone()).await;
     let mut cases: Vec<&str> = WEB_CASES.to_vec();
     if kind == Kind::WebWholeStreams {
         cases.retain(|&case| case != "cancel_after_first_response");
@@ -72,9 +88,10 @@ async fn run_client(client: &str, kind: Kind) {
     let passed = node_test(
         &["test/clients.test.mjs"],
         &[
-            ("PNP_URL", format!("http://{}", stack.proxy_addr())),
+            ("PNP_URL", format!("http://{proxy}")),
             ("PNP_STATS_URL", stats.url()),
             ("PNP_CLIENT", client.to_owned()),
+            ("PNP_TRANSPORT", transport.to_owned()),
         ],
         expected.len() as u64,
         SUITE_LIMIT,
@@ -82,11 +99,40 @@ async fn run_client(client: &str, kind: Kind) {
     .await;
     assert_eq!(passed, expected);
     assert_eq!(
-        stack.stats().active_streams(),
+        upstream.active_streams(),
         0,
         "streams left running upstream"
     );
-    stack.shutdown(Duration::from_secs(1)).await;
+}
+
+/// The clients that see each message as it arrives — grpc-web (text), connect-web, and
+/// connect-node speaking native gRPC (which also streams requests) — through two pnp instances
+/// bridged over `hop`.
+async fn run_bridged(hop: Hop) {
+    let bridge = BridgeStack::start(hop).await;
+    for (client, kind) in [
+        ("grpc-web-text", Kind::Web),
+        ("connect-web", Kind::Web),
+        ("connect-node-grpc", Kind::Native),
+    ] {
+        run_cases(client, kind, bridge.addr(), bridge.stats(), hop.name()).await;
+    }
+    bridge.shutdown().await;
+}
+
+#[tokio::test]
+async fn npm_clients_through_a_bridge_over_h1() {
+    run_bridged(Hop::H1).await;
+}
+
+#[tokio::test]
+async fn npm_clients_through_a_bridge_over_h2() {
+    run_bridged(Hop::H2).await;
+}
+
+#[tokio::test]
+async fn npm_clients_through_a_bridge_over_h3() {
+    run_bridged(Hop::H3).await;
 }
 
 #[tokio::test]

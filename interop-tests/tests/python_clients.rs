@@ -21,6 +21,7 @@ use pnp_interop_tests::interop::*;
 use pnp_interop_tests::stack::upstream_url;
 use pnp_interop_tests::{Mode, RawClient, Stack};
 use pnp_proxy::Proxy;
+use support::bridge::{BridgeStack, Hop};
 use support::{node_test, python_dir, run, StatsEndpoint, INSTALL_HINT};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -57,6 +58,16 @@ async fn require_grpcio() {
 
 /// Runs interop_client.py against the proxy at `proxy` and checks that all its cases passed.
 async fn run_grpcio_client(proxy: SocketAddr, stats_url: String, upstream: &str) {
+    run_grpcio_client_via(proxy, stats_url, upstream, "h2").await;
+}
+
+/// [`run_grpcio_client`] where the replies name `transport` in `x-pnp-transport`.
+async fn run_grpcio_client_via(
+    proxy: SocketAddr,
+    stats_url: String,
+    upstream: &str,
+    transport: &str,
+) {
     let ran = run(
         &python(),
         &["interop_client.py"],
@@ -65,6 +76,7 @@ async fn run_grpcio_client(proxy: SocketAddr, stats_url: String, upstream: &str)
             ("PNP_TARGET", proxy.to_string()),
             ("PNP_STATS_URL", stats_url),
             ("PNP_UPSTREAM", upstream.to_owned()),
+            ("PNP_TRANSPORT", transport.to_owned()),
             ("PYTHONDONTWRITEBYTECODE", "1".to_owned()),
         ],
         Duration::from_secs(120),
@@ -197,6 +209,19 @@ async fn grpcio_client_through_pnp_to_tonic() {
     run_grpcio_client(stack.proxy_addr(), stats.url(), "tonic-demo").await;
     assert_eq!(stack.stats().active_streams(), 0);
     stack.shutdown(Duration::from_secs(1)).await;
+}
+
+/// The grpcio client's cases through two pnp instances bridged over h1, h2 and h3.
+#[tokio::test]
+async fn grpcio_client_through_bridges_over_h1_h2_h3() {
+    require_grpcio().await;
+    for hop in Hop::ALL {
+        let bridge = BridgeStack::start(hop).await;
+        let stats = StatsEndpoint::start(bridge.stats()).await;
+        run_grpcio_client_via(bridge.addr(), stats.url(), "tonic-demo", hop.name()).await;
+        assert_eq!(bridge.stats().active_streams(), 0, "{hop:?}");
+        bridge.shutdown().await;
+    }
 }
 
 #[tokio::test]

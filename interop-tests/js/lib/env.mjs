@@ -15,6 +15,14 @@ export function proxyUrl() {
   return required("PNP_URL");
 }
 
+/**
+ * The transport pnp's egress names in `x-pnp-transport`: `PNP_TRANSPORT` when the driver set
+ * it (a bridge over `h1` or `h3`), else `h2`.
+ */
+export function expectedTransport() {
+  return process.env.PNP_TRANSPORT || "h2";
+}
+
 /** The demo upstream's counters: `{started, cancelled, active}`. */
 export async function upstreamStats() {
   const response = await fetch(required("PNP_STATS_URL"));

@@ -6,6 +6,7 @@
 
 #![allow(dead_code, unreachable_pub)] // each test binary uses a different part
 
+pub mod bridge;
 pub mod bulk;
 pub mod h3;
 

@@ -1,0 +1,99 @@
+//! Two pnp instances bridged over one transport, in front of the demo upstream: clients → edge
+//! pnp → `h1://` | `http://` (HTTP/2) | `h3://` → cluster pnp → upstream. The suites of real
+//! clients (Node, Python) run through it as they run through one pnp.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use pnp_demo::{DemoStats, DemoUpstream};
+use pnp_interop_tests::stack::upstream_url;
+use pnp_interop_tests::Stack;
+use pnp_proxy::Proxy;
+
+use super::h3::{cluster, dev_certs, edge, loopback, Certs};
+
+/// The transport between the two instances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hop {
+    /// Chunked HTTP/1.1 (gRPC-Web binary).
+    H1,
+    /// HTTP/2 cleartext.
+    H2,
+    /// HTTP/3 over QUIC, TLS with a test CA.
+    H3,
+}
+
+impl Hop {
+    /// Every hop.
+    pub const ALL: [Hop; 3] = [Hop::H1, Hop::H2, Hop::H3];
+
+    /// The name in `x-pnp-transport`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hop::H1 => "h1",
+            Hop::H2 => "h2",
+            Hop::H3 => "h3",
+        }
+    }
+}
+
+/// Client → edge → hop → cluster → the demo upstream.
+pub struct BridgeStack {
+    /// The gRPC server at the far end.
+    pub upstream: DemoUpstream,
+    cluster: Proxy,
+    edge: Proxy,
+    _certs: Option<Certs>,
+}
+
+impl BridgeStack {
+    /// Upstream, cluster and edge over `hop`.
+    pub async fn start(hop: Hop) -> BridgeStack {
+        let upstream = DemoUpstream::start(loopback())
+            .await
+            .expect("demo upstream");
+        let target = upstream_url(upstream.local_addr());
+        let (cluster, edge, certs) = match hop {
+            Hop::H3 => {
+                let certs = dev_certs();
+                let cluster = cluster(target, &certs, |_| {}).await;
+                let port = cluster.local_h3_addr().expect("an HTTP/3 listener").port();
+                let edge = edge(port, &certs, |_| {}).await;
+                (cluster, edge, Some(certs))
+            }
+            Hop::H1 | Hop::H2 => {
+                let cluster = Stack::proxy_for(target, |_| {}).await;
+                let scheme = if hop == Hop::H1 { "h1" } else { "http" };
+                let url = url::Url::parse(&format!("{scheme}://{}", cluster.local_addr()))
+                    .expect("bridge URL");
+                let edge = Stack::proxy_for(url, |_| {}).await;
+                (cluster, edge, None)
+            }
+        };
+        BridgeStack {
+            upstream,
+            cluster,
+            edge,
+            _certs: certs,
+        }
+    }
+
+    /// Where clients connect: the edge.
+    pub fn addr(&self) -> SocketAddr {
+        self.edge.local_addr()
+    }
+
+    /// What the upstream handlers saw.
+    pub fn stats(&self) -> DemoStats {
+        self.upstream.stats()
+    }
+
+    /// Stop the edge, the cluster, then the upstream.
+    pub async fn shutdown(self) {
+        self.edge.shutdown_with_grace(Duration::from_secs(1)).await;
+        self.cluster
+            .shutdown_with_grace(Duration::from_secs(1))
+            .await;
+        self.upstream.shutdown().await;
+    }
+}
