@@ -383,7 +383,7 @@ async fn serve_stream<S: CallService>(
         .unwrap_or_else(|| Box::pin(std::future::pending()));
     let (mut send, recv): (H3Send, h3::server::RequestStream<QuicRecv, FrameBuf>) = stream.split();
     let reset = ClientReset::default();
-    let mut request = request.map(|()| RequestBody::Http3(H3Body::new(recv)));
+    let mut request = request.map(|()| RequestBody::Http3(Box::new(H3Body::new(recv))));
     request.extensions_mut().insert(PeerAddr(peer));
     request.extensions_mut().insert(reset.clone());
 
