@@ -5,7 +5,8 @@
 //! message ([`first_message`]), for the whole call ([`deadline`]) and between messages
 //! ([`idle`]); whether and when to retry ([`retry`], [`backoff`], [`throttle`]); whether an
 //! upstream may be called at all ([`breaker`]); whether to admit, degrade or shed a new call
-//! ([`shed`], fed by [`latency`]); and when to send an HTTP/2 keepalive PING ([`keepalive`]).
+//! ([`shed`], fed by [`latency`]); when to send an HTTP/2 keepalive PING ([`keepalive`]); and
+//! which of a peer's transports carries a job's next call ([`negotiate`]).
 //!
 //! This crate is **not** the layers themselves. It is sans-IO in the sense of `quinn-proto`:
 //! it reads no clock (time comes in as [`std::time::Instant`] and [`std::time::Duration`]
@@ -32,6 +33,7 @@ pub mod header_timeout;
 pub mod idle;
 pub mod keepalive;
 pub mod latency;
+pub mod negotiate;
 pub mod retry;
 pub mod shed;
 pub mod throttle;
