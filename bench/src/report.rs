@@ -683,6 +683,10 @@ pub fn targets(results: &Results) -> String {
     for (label, scenario, variant, protocol, name, limit, higher_is_better) in rows {
         let pnp = metric(results, scenario, &variant, protocol, PeerKind::Pnp, name);
         let envoy = metric(results, scenario, &variant, protocol, PeerKind::Envoy, name);
+        if pnp.is_none() && envoy.is_none() {
+            // Not measured in this run (a subset of scenarios or peers).
+            continue;
+        }
         let met = match pnp {
             Some(v) if higher_is_better => {
                 if v >= limit {
