@@ -6,10 +6,13 @@
 #   bench/run.sh --smoke              # a few seconds per peer, no idle wait
 #   bench/run.sh --scenarios S8 --peers direct,pnp,envoy   # stalled readers only
 #   bench/run.sh --scenarios S6,S9 --peers direct,pnp,envoy  # bulk: 4 GiB - 1, upload, concurrent
+#   bench/run.sh --scenarios S1,S2,S6 --peers direct,pnp,bridge-h1,bridge-h2,bridge-h3,quinn,quinn-defaults
+#                                     # two pnps bridged over h1/h2/h3, beside raw quinn (S6)
 #
 # Arguments go to `pnp-bench run` (see `pnp-bench run --help`). The load client runs on CPU 0
 # (beside the bench upstream); the peer under test is pinned to CPU 1 so every proxy gets one
-# core, as Envoy's `--concurrency 1` and nginx's single worker do.
+# core, as Envoy's `--concurrency 1` and nginx's single worker do. A bridge's two pnps (and raw
+# quinn's client and server) share that core: two cores leave no third one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

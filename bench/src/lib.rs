@@ -1,5 +1,6 @@
 //! pnp-bench: the load client, the bench upstreams and the side-by-side runner that measures
-//! pnp against a direct connection, tonic-web, Envoy and nginx on one machine, in one run.
+//! pnp against a direct connection, tonic-web, Envoy and nginx on one machine, in one run, and
+//! two pnp instances bridged over HTTP/1.1, HTTP/2 and HTTP/3 beside raw quinn.
 //!
 //! It is not a test suite: performance goals live in `BENCHMARKS.md` as ratios measured here,
 //! never as timing assertions. The smoke test (`tests/smoke.rs`) only checks that every
@@ -12,6 +13,7 @@ pub mod idle;
 pub mod peers;
 pub mod plot;
 pub mod procstat;
+pub mod quic;
 pub mod report;
 pub mod runner;
 pub mod scenarios;

@@ -9,13 +9,14 @@ use clap::{Parser, Subcommand};
 use pnp_bench::client::Protocol;
 use pnp_bench::idle::IdleGate;
 use pnp_bench::peers::{PeerKind, Tools};
+use pnp_bench::quic::{Direction, Windows};
 use pnp_bench::runner::{self, RunOptions};
 use pnp_bench::scenarios::{Scale, Scenario};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "pnp-bench",
-    about = "pnp side by side with direct, tonic-web, Envoy and nginx."
+    about = "pnp side by side with direct, tonic-web, Envoy and nginx; pnp bridges beside raw quinn."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -43,6 +44,59 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:50062")]
         listen: SocketAddr,
     },
+    /// Raw quinn bulk throughput between two processes (a server and a client, both this
+    /// program), as in shared/notes/transport-anchors.md: one connection, one stream per
+    /// transfer, 64 KiB writes, default MTU. Prints Gbit/s and GiB per CPU-second (both
+    /// processes' CPU).
+    Quinn(QuinnArgs),
+    /// The raw quinn server (started by `run` and `quinn`).
+    QuinnServer {
+        /// UDP address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Transport settings.
+        #[arg(long, value_enum, default_value_t = Windows::Pnp)]
+        windows: Windows,
+        /// Where to write the certificate (DER) once listening.
+        #[arg(long)]
+        cert_out: PathBuf,
+    },
+    /// The raw quinn client (started by `run` and `quinn`): connects, then runs the transfers
+    /// asked for on its TCP control port.
+    QuinnClient {
+        /// The server's UDP address.
+        #[arg(long)]
+        server: SocketAddr,
+        /// Transport settings.
+        #[arg(long, value_enum, default_value_t = Windows::Pnp)]
+        windows: Windows,
+        /// The server's certificate (DER).
+        #[arg(long)]
+        cert: PathBuf,
+        /// TCP address of the control port.
+        #[arg(long)]
+        control: SocketAddr,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct QuinnArgs {
+    /// Bytes per transfer, with units.
+    #[arg(long, default_value = "1GiB")]
+    size: String,
+    /// Transport settings: `pnp` (pnp's HTTP/3 egress and listener windows), `defaults`
+    /// (quinn's), or both in turn.
+    #[arg(long, value_enum)]
+    windows: Vec<Windows>,
+    /// Directions (both by default).
+    #[arg(long, value_enum)]
+    direction: Vec<Direction>,
+    /// Transfers of each kind (each with fresh processes).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Pin both processes to this CPU (default: not pinned, as in the anchors note).
+    #[arg(long)]
+    cpu: Option<usize>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -50,7 +104,8 @@ struct RunArgs {
     /// Output directory.
     #[arg(long, default_value = "bench/results/latest")]
     out: PathBuf,
-    /// Peers, comma-separated: direct,pnp,tonic-web,envoy,nginx.
+    /// Peers, comma-separated: direct,pnp,tonic-web,envoy,nginx, and the bridges bridge-h1,
+    /// bridge-h2, bridge-h3 and raw quinn (quinn, quinn-defaults; S6 only).
     #[arg(long, default_value = "direct,pnp,tonic-web,envoy,nginx")]
     peers: String,
     /// Scenarios, comma-separated: S1..S9.
@@ -148,6 +203,18 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::TonicWeb { listen } => pnp_bench::tonic_peer::serve(listen).await,
+            Command::QuinnServer {
+                listen,
+                windows,
+                cert_out,
+            } => pnp_bench::quic::server_main(listen, windows, &cert_out).await,
+            Command::QuinnClient {
+                server,
+                windows,
+                cert,
+                control,
+            } => pnp_bench::quic::client_main(server, windows, &cert, control).await,
+            Command::Quinn(args) => quinn(args).await,
             Command::Report { results } => {
                 let text = std::fs::read_to_string(&results)?;
                 let parsed: runner::Results = serde_json::from_str(&text)?;
@@ -234,6 +301,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         peer_cpu: cpu(args.peer_cpu),
         upstream_cpu: cpu(args.upstream_cpu),
         workdir: workdir.clone(),
+        dev_certs: None,
     };
     tools.discover_envoy_nginx();
     let options = RunOptions {
@@ -262,6 +330,84 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     write_outputs(&results, &args.out)?;
     println!("{}", pnp_bench::report::markdown(&results));
     eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// `pnp-bench quinn`: fresh server and client processes for each transfer, one transfer each.
+async fn quinn(args: QuinnArgs) -> anyhow::Result<()> {
+    let size = message_size(&args.size)
+        .or_else(|| runner::parse_size(&args.size))
+        .with_context(|| format!("--size `{}`: expected a size", args.size))?;
+    let windows = if args.windows.is_empty() {
+        vec![Windows::Pnp, Windows::Defaults]
+    } else {
+        args.windows.clone()
+    };
+    let directions = if args.direction.is_empty() {
+        vec![Direction::Download, Direction::Upload]
+    } else {
+        args.direction.clone()
+    };
+    let workdir = std::env::temp_dir().join(format!("pnp-bench-quinn-{}", std::process::id()));
+    std::fs::create_dir_all(&workdir)?;
+    let tools = Tools {
+        pnp: None,
+        envoy: None,
+        nginx: None,
+        bench: Some(std::env::current_exe()?),
+        peer_cpu: args.cpu,
+        upstream_cpu: None,
+        workdir: workdir.clone(),
+        dev_certs: None,
+    };
+    println!(
+        "raw quinn, {} per transfer, 64 KiB writes, two processes{}",
+        runner::size_name(size),
+        args.cpu.map_or(String::from(", not pinned"), |c| format!(
+            ", both on CPU {c}"
+        ))
+    );
+    println!("windows   direction  Gbit/s  GiB/CPU-s  client CPU s  server CPU s  client/server peak RSS MB  lost (client)  RcvbufErrors  MTU");
+    for &w in &windows {
+        let kind = match w {
+            Windows::Pnp => PeerKind::Quinn,
+            Windows::Defaults => PeerKind::QuinnDefaults,
+        };
+        for &direction in &directions {
+            for _ in 0..args.repeats.max(1) {
+                let peer = pnp_bench::peers::start_quinn(kind, &tools).await?;
+                let target = pnp_bench::scenarios::Target {
+                    addr: peer.addr,
+                    protocol: Protocol::Grpc,
+                    peer_pid: peer.pid,
+                    cluster_pid: peer.cluster_pid,
+                    upstream_pid: None,
+                    peer: Some(kind),
+                };
+                let result =
+                    pnp_bench::scenarios::s6_quinn(&target, size, direction == Direction::Upload)
+                        .await;
+                peer.stop().await;
+                let sample = result?;
+                let m = |k: &str| sample.metrics.get(k).copied().unwrap_or(f64::NAN);
+                println!(
+                    "{:<9} {:<10} {:>6.2}  {:>9.3}  {:>12.2}  {:>12.2}  {:>12.1} / {:<11.1}  {:>13}  {:>12}  {:>4}",
+                    w.name(),
+                    direction.name(),
+                    m("gbit_per_s"),
+                    m("gib_per_cpu_s"),
+                    m("edge_cpu_s"),
+                    m("cluster_cpu_s"),
+                    m("edge_peak_rss_mb"),
+                    m("cluster_peak_rss_mb"),
+                    m("client_lost_packets"),
+                    m("udp_rcvbuf_errors"),
+                    m("path_mtu"),
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&workdir);
     Ok(())
 }
 

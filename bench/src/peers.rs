@@ -28,17 +28,38 @@ pub enum PeerKind {
     /// nginx `grpc_pass` in front of the bench upstream (native gRPC only: a floor for plain
     /// HTTP/2 proxying).
     Nginx,
+    /// Two pnp processes bridged over chunked HTTP/1.1 (gRPC-Web binary): an edge pnp with
+    /// `--upstream h1://` in front of a cluster pnp in front of the bench upstream.
+    BridgeH1,
+    /// Two pnp processes bridged over HTTP/2 cleartext (`--upstream http://`).
+    BridgeH2,
+    /// Two pnp processes bridged over HTTP/3 (`--upstream h3://` to the cluster's
+    /// `--listen-h3`, certificates from `pnp certs dev`).
+    BridgeH3,
+    /// Raw quinn, no gRPC and no HTTP/3: one QUIC stream between two processes with pnp's
+    /// QUIC windows (see [`crate::quic`]); S6 only, in the `grpc-h2` rows.
+    Quinn,
+    /// Raw quinn as [`PeerKind::Quinn`], with quinn's default windows.
+    QuinnDefaults,
 }
 
 impl PeerKind {
     /// Every peer, in table order.
-    pub const ALL: [PeerKind; 5] = [
+    pub const ALL: [PeerKind; 10] = [
         PeerKind::Direct,
         PeerKind::Pnp,
         PeerKind::TonicWeb,
         PeerKind::Envoy,
         PeerKind::Nginx,
+        PeerKind::BridgeH1,
+        PeerKind::BridgeH2,
+        PeerKind::BridgeH3,
+        PeerKind::Quinn,
+        PeerKind::QuinnDefaults,
     ];
+
+    /// The bridges, in table order.
+    pub const BRIDGES: [PeerKind; 3] = [PeerKind::BridgeH1, PeerKind::BridgeH2, PeerKind::BridgeH3];
 
     /// Short name for tables and the command line.
     pub fn name(self) -> &'static str {
@@ -48,7 +69,42 @@ impl PeerKind {
             PeerKind::TonicWeb => "tonic-web",
             PeerKind::Envoy => "envoy",
             PeerKind::Nginx => "nginx",
+            PeerKind::BridgeH1 => "bridge-h1",
+            PeerKind::BridgeH2 => "bridge-h2",
+            PeerKind::BridgeH3 => "bridge-h3",
+            PeerKind::Quinn => "quinn",
+            PeerKind::QuinnDefaults => "quinn-defaults",
         }
+    }
+
+    /// The scheme of the edge's `--upstream` for a bridge (`h1`, `http`, `h3`).
+    pub fn bridge_scheme(self) -> Option<&'static str> {
+        match self {
+            PeerKind::BridgeH1 => Some("h1"),
+            PeerKind::BridgeH2 => Some("http"),
+            PeerKind::BridgeH3 => Some("h3"),
+            _ => None,
+        }
+    }
+
+    /// Whether it is raw quinn (no gRPC: S6 only).
+    pub fn is_raw_quic(self) -> bool {
+        matches!(self, PeerKind::Quinn | PeerKind::QuinnDefaults)
+    }
+
+    /// Whether it runs as two processes (a bridge's edge and cluster pnp, raw quinn's client and
+    /// server), both measured.
+    pub fn is_pair(self) -> bool {
+        self.bridge_scheme().is_some() || self.is_raw_quic()
+    }
+
+    /// Whether it runs `scenario` for `protocol`: raw quinn runs S6 alone, once (its rows are
+    /// the `grpc-h2` ones); every other peer runs every scenario its protocols allow.
+    pub fn runs(self, scenario: crate::scenarios::Scenario, protocol: Protocol) -> bool {
+        if self.is_raw_quic() {
+            return scenario == crate::scenarios::Scenario::S6 && protocol == Protocol::Grpc;
+        }
+        self.supports(protocol)
     }
 
     /// Parse a [`name`](Self::name).
@@ -60,7 +116,13 @@ impl PeerKind {
     pub fn supports(self, protocol: Protocol) -> bool {
         match self {
             PeerKind::Direct | PeerKind::Nginx => protocol == Protocol::Grpc,
-            PeerKind::Pnp | PeerKind::TonicWeb | PeerKind::Envoy => true,
+            PeerKind::Quinn | PeerKind::QuinnDefaults => protocol == Protocol::Grpc,
+            PeerKind::Pnp
+            | PeerKind::TonicWeb
+            | PeerKind::Envoy
+            | PeerKind::BridgeH1
+            | PeerKind::BridgeH2
+            | PeerKind::BridgeH3 => true,
         }
     }
 
@@ -149,6 +211,9 @@ pub struct Tools {
     pub upstream_cpu: Option<usize>,
     /// Scratch directory for configuration files and logs.
     pub workdir: PathBuf,
+    /// The development certificates of the HTTP/3 bridge (`ca.pem`, `server.pem`,
+    /// `server-key.pem`), made once per run by [`Tools::make_dev_certs`].
+    pub dev_certs: Option<PathBuf>,
 }
 
 impl Tools {
@@ -158,7 +223,53 @@ impl Tools {
             PeerKind::Direct | PeerKind::Pnp | PeerKind::TonicWeb => true,
             PeerKind::Envoy => self.envoy.is_some(),
             PeerKind::Nginx => self.nginx.is_some(),
+            PeerKind::BridgeH1 | PeerKind::BridgeH2 | PeerKind::BridgeH3 => true,
+            PeerKind::Quinn | PeerKind::QuinnDefaults => true,
         }
+    }
+
+    /// Write the HTTP/3 bridge's certificates into `work/certs`: with the pnp binary, by
+    /// `pnp certs dev` (a CA, and a server certificate for `localhost` and `127.0.0.1` signed by
+    /// it); in-process (smoke test), a self-signed server certificate that is its own CA.
+    pub fn make_dev_certs(&mut self) -> anyhow::Result<()> {
+        let dir = self.workdir.join("certs");
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("removing the old {}", dir.display()))?;
+        }
+        match &self.pnp {
+            Some(pnp) => {
+                let out = Command::new(pnp)
+                    .args(["certs", "dev"])
+                    .arg(&dir)
+                    .output()
+                    .with_context(|| format!("running {} certs dev", pnp.display()))?;
+                if !out.status.success() {
+                    bail!(
+                        "pnp certs dev failed: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+            }
+            None => {
+                std::fs::create_dir_all(&dir)?;
+                let rcgen::CertifiedKey { cert, key_pair } =
+                    rcgen::generate_simple_self_signed(vec![
+                        "localhost".to_owned(),
+                        "127.0.0.1".to_owned(),
+                    ])?;
+                std::fs::write(dir.join("server.pem"), cert.pem())?;
+                std::fs::write(dir.join("ca.pem"), cert.pem())?;
+                std::fs::write(dir.join("server-key.pem"), key_pair.serialize_pem())?;
+            }
+        }
+        for file in ["ca.pem", "server.pem", "server-key.pem"] {
+            if !dir.join(file).is_file() {
+                bail!("{} has no {file}", dir.display());
+            }
+        }
+        self.dev_certs = Some(dir);
+        Ok(())
     }
 
     /// Find Envoy and nginx on this machine: `$ENVOY`/`$NGINX`, the PATH, and where the
@@ -214,6 +325,32 @@ enum Running {
     Pnp(Box<pnp_proxy::Proxy>),
     Task(tokio::task::JoinHandle<()>),
     Upstream(crate::upstream::Upstream),
+    /// A two-process peer: the front (a bridge's edge, raw quinn's client), then the back.
+    Pair(Box<Running>, Box<Running>),
+}
+
+impl Running {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Running::Child(c) => Some(c.0.id()),
+            _ => None,
+        }
+    }
+
+    fn stop(self) -> futures_util::future::BoxFuture<'static, ()> {
+        Box::pin(async move {
+            match self {
+                Running::Child(child) => drop(child),
+                Running::Pnp(proxy) => proxy.shutdown_with_grace(Duration::ZERO).await,
+                Running::Task(task) => task.abort(),
+                Running::Upstream(upstream) => drop(upstream),
+                Running::Pair(front, back) => {
+                    front.stop().await;
+                    back.stop().await;
+                }
+            }
+        })
+    }
 }
 
 /// A started peer (or upstream).
@@ -222,8 +359,12 @@ pub struct Peer {
     pub kind: Option<PeerKind>,
     /// Where the load client connects.
     pub addr: SocketAddr,
-    /// The process to measure; `None` when it runs inside this one.
+    /// The process to measure; `None` when it runs inside this one. For a two-process peer,
+    /// the front one: a bridge's edge pnp, raw quinn's client.
     pub pid: Option<u32>,
+    /// The second process of a two-process peer (a bridge's cluster pnp, raw quinn's server),
+    /// measured with the first.
+    pub cluster_pid: Option<u32>,
     running: Running,
 }
 
@@ -233,6 +374,7 @@ impl fmt::Debug for Peer {
             .field("kind", &self.kind)
             .field("addr", &self.addr)
             .field("pid", &self.pid)
+            .field("cluster_pid", &self.cluster_pid)
             .finish()
     }
 }
@@ -240,12 +382,7 @@ impl fmt::Debug for Peer {
 impl Peer {
     /// Stop it.
     pub async fn stop(self) {
-        match self.running {
-            Running::Child(child) => drop(child),
-            Running::Pnp(proxy) => proxy.shutdown_with_grace(Duration::ZERO).await,
-            Running::Task(task) => task.abort(),
-            Running::Upstream(upstream) => drop(upstream),
-        }
+        self.running.stop().await;
     }
 }
 
@@ -319,6 +456,7 @@ pub async fn start_upstream(tools: &Tools) -> anyhow::Result<Peer> {
                 kind: None,
                 addr: upstream.addr(),
                 pid: None,
+                cluster_pid: None,
                 running: Running::Upstream(upstream),
             })
         }
@@ -336,6 +474,7 @@ pub async fn start_upstream(tools: &Tools) -> anyhow::Result<Peer> {
                 kind: None,
                 addr,
                 pid: Some(child.0.id()),
+                cluster_pid: None,
                 running: Running::Child(child),
             })
         }
@@ -350,10 +489,8 @@ pub async fn start(kind: PeerKind, upstream: &Peer, tools: &Tools) -> anyhow::Re
     let child = |running: Running, addr| Peer {
         kind: Some(kind),
         addr,
-        pid: match &running {
-            Running::Child(c) => Some(c.0.id()),
-            _ => None,
-        },
+        pid: running.pid(),
+        cluster_pid: None,
         running,
     };
     let (program, args, log): (PathBuf, Vec<String>, &str) = match kind {
@@ -362,9 +499,14 @@ pub async fn start(kind: PeerKind, upstream: &Peer, tools: &Tools) -> anyhow::Re
                 kind: Some(kind),
                 addr: upstream.addr,
                 pid: upstream.pid,
+                cluster_pid: None,
                 running: Running::Task(tokio::spawn(async {})),
             })
         }
+        PeerKind::BridgeH1 | PeerKind::BridgeH2 | PeerKind::BridgeH3 => {
+            return start_bridge(kind, upstream, tools).await
+        }
+        PeerKind::Quinn | PeerKind::QuinnDefaults => return start_quinn(kind, tools).await,
         PeerKind::Pnp => {
             let config = pnp_config();
             match &tools.pnp {
@@ -468,6 +610,247 @@ pub async fn start(kind: PeerKind, upstream: &Peer, tools: &Tools) -> anyhow::Re
     let mut guard = spawn(tools, tools.peer_cpu, &program, &args, log)?;
     wait_listening(addr, &mut guard, kind.name()).await?;
     Ok(child(Running::Child(guard), addr))
+}
+
+/// A UDP port on loopback that was free a moment ago.
+fn free_udp_port() -> anyhow::Result<u16> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    Ok(socket.local_addr()?.port())
+}
+
+/// The pnp configuration of one end of a bridge, in-process (smoke test): the bench's
+/// `pnp.toml`, listening on `addr`, forwarding to `upstream`.
+fn in_process_config(addr: SocketAddr, upstream: &str) -> anyhow::Result<pnp_config::Config> {
+    let mut config = pnp_config::Config::from_toml(&pnp_config())?;
+    config.listener.addr = addr;
+    config.admin = None;
+    config.upstream.target = pnp_config::Config::parse_upstream(upstream)?;
+    Ok(config)
+}
+
+/// Start a bridge: the cluster pnp in front of the upstream, then the edge pnp in front of it,
+/// both with the bench's `pnp.toml` and pinned to the peer CPU (with two cores there is no
+/// third one to give the second pnp). The edge's listener is what the load client talks to,
+/// exactly as the `pnp` peer's. The bridge is up once a unary call has crossed it.
+async fn start_bridge(kind: PeerKind, upstream: &Peer, tools: &Tools) -> anyhow::Result<Peer> {
+    let scheme = kind.bridge_scheme().context("not a bridge")?;
+    let h3 = kind == PeerKind::BridgeH3;
+    let certs = if h3 {
+        Some(
+            tools
+                .dev_certs
+                .clone()
+                .context("the HTTP/3 bridge needs certificates (Tools::make_dev_certs)")?,
+        )
+    } else {
+        None
+    };
+    let cluster_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    // The cluster's QUIC port (UDP), when it has one.
+    let quic_addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
+    let hop = if h3 { quic_addr } else { cluster_addr };
+    let edge_upstream = format!("{scheme}://{hop}");
+    let edge_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let peer = match &tools.pnp {
+        None => {
+            let mut cluster =
+                in_process_config(cluster_addr, &format!("http://{}", upstream.addr))?;
+            let mut edge = in_process_config(edge_addr, &edge_upstream)?;
+            if let Some(certs) = &certs {
+                cluster.listener.tls = Some(pnp_config::TlsFiles {
+                    cert: certs.join("server.pem"),
+                    key: certs.join("server-key.pem"),
+                });
+                cluster.listener.h3 = Some(pnp_config::H3Listener::new(quic_addr));
+                edge.upstream.ca = Some(certs.join("ca.pem"));
+            }
+            let cluster = pnp_proxy::Proxy::start(cluster).await?;
+            let edge = pnp_proxy::Proxy::start(edge).await?;
+            let addr = edge.local_addr();
+            Peer {
+                kind: Some(kind),
+                addr,
+                pid: None,
+                cluster_pid: None,
+                running: Running::Pair(
+                    Box::new(Running::Pnp(Box::new(edge))),
+                    Box::new(Running::Pnp(Box::new(cluster))),
+                ),
+            }
+        }
+        Some(pnp) => {
+            let config = tools.workdir.join("pnp.toml");
+            std::fs::write(&config, pnp_config())?;
+            let common = |listen: SocketAddr, upstream: String| -> Vec<String> {
+                vec![
+                    "serve".into(),
+                    "--config".into(),
+                    config.display().to_string(),
+                    "--listen".into(),
+                    listen.to_string(),
+                    "--upstream".into(),
+                    upstream,
+                    "--admin".into(),
+                    "127.0.0.1:0".into(),
+                ]
+            };
+            let mut cluster_args = common(cluster_addr, format!("http://{}", upstream.addr));
+            let mut edge_args = common(edge_addr, edge_upstream);
+            if let Some(certs) = &certs {
+                cluster_args.extend([
+                    "--listen-h3".into(),
+                    quic_addr.to_string(),
+                    "--tls-cert".into(),
+                    certs.join("server.pem").display().to_string(),
+                    "--tls-key".into(),
+                    certs.join("server-key.pem").display().to_string(),
+                ]);
+                edge_args.extend([
+                    "--upstream-ca".into(),
+                    certs.join("ca.pem").display().to_string(),
+                ]);
+            }
+            let name = kind.name();
+            let mut cluster = spawn(
+                tools,
+                tools.peer_cpu,
+                pnp,
+                &cluster_args,
+                &format!("{name}-cluster.log"),
+            )?;
+            wait_listening(cluster_addr, &mut cluster, &format!("{name}'s cluster pnp")).await?;
+            let mut edge = spawn(
+                tools,
+                tools.peer_cpu,
+                pnp,
+                &edge_args,
+                &format!("{name}-edge.log"),
+            )?;
+            wait_listening(edge_addr, &mut edge, &format!("{name}'s edge pnp")).await?;
+            Peer {
+                kind: Some(kind),
+                addr: edge_addr,
+                pid: Some(edge.0.id()),
+                cluster_pid: Some(cluster.0.id()),
+                running: Running::Pair(
+                    Box::new(Running::Child(edge)),
+                    Box::new(Running::Child(cluster)),
+                ),
+            }
+        }
+    };
+    // The cluster's QUIC endpoint may come up after its TCP listener: wait until a call
+    // crosses the bridge.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut channel = crate::client::Channel::connect(peer.addr, Protocol::Grpc).await?;
+        match channel.call(&crate::client::CallSpec::unary()).await {
+            Ok(_) => return Ok(peer),
+            Err(e) if Instant::now() > deadline => {
+                peer.stop().await;
+                return Err(e.context(format!("no call crossed {} within 10 s", kind.name())));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Start raw quinn ([`PeerKind::Quinn`] or [`PeerKind::QuinnDefaults`]): the server (cluster
+/// side), then the client (edge side), which connects and then listens on its control port
+/// (the peer's address); both pinned to the peer CPU, like a bridge's two pnps.
+pub async fn start_quinn(kind: PeerKind, tools: &Tools) -> anyhow::Result<Peer> {
+    let windows = if kind == PeerKind::Quinn {
+        crate::quic::Windows::Pnp
+    } else {
+        crate::quic::Windows::Defaults
+    };
+    let server_addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
+    let control = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    match &tools.bench {
+        None => {
+            let identity = crate::quic::Identity::generate()?;
+            let endpoint = crate::quic::server_endpoint(server_addr, windows, &identity)?;
+            let server = tokio::spawn(crate::quic::serve(endpoint));
+            let (endpoint, conn) =
+                crate::quic::connect(server_addr, windows, &identity.cert).await?;
+            let listener = tokio::net::TcpListener::bind(control).await?;
+            let client = tokio::spawn(async move {
+                let _endpoint = endpoint;
+                if let Err(e) = crate::quic::client(conn, listener).await {
+                    tracing::warn!(error = %e, "raw quinn client failed");
+                }
+            });
+            Ok(Peer {
+                kind: Some(kind),
+                addr: control,
+                pid: None,
+                cluster_pid: None,
+                running: Running::Pair(
+                    Box::new(Running::Task(client)),
+                    Box::new(Running::Task(server)),
+                ),
+            })
+        }
+        Some(bench) => {
+            let name = kind.name();
+            let cert = tools.workdir.join(format!("{name}-cert.der"));
+            let _ = std::fs::remove_file(&cert);
+            let windows = windows.name().to_owned();
+            let mut server = spawn(
+                tools,
+                tools.peer_cpu,
+                bench,
+                &[
+                    "quinn-server".into(),
+                    "--listen".into(),
+                    server_addr.to_string(),
+                    "--windows".into(),
+                    windows.clone(),
+                    "--cert-out".into(),
+                    cert.display().to_string(),
+                ],
+                &format!("{name}-server.log"),
+            )?;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !cert.is_file() {
+                if let Some(status) = server.0.try_wait()? {
+                    bail!("the raw quinn server exited with {status}");
+                }
+                if Instant::now() > deadline {
+                    bail!("the raw quinn server did not start within 20 s");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let mut client = spawn(
+                tools,
+                tools.peer_cpu,
+                bench,
+                &[
+                    "quinn-client".into(),
+                    "--server".into(),
+                    server_addr.to_string(),
+                    "--windows".into(),
+                    windows,
+                    "--cert".into(),
+                    cert.display().to_string(),
+                    "--control".into(),
+                    control.to_string(),
+                ],
+                &format!("{name}-client.log"),
+            )?;
+            wait_listening(control, &mut client, "the raw quinn client").await?;
+            Ok(Peer {
+                kind: Some(kind),
+                addr: control,
+                pid: Some(client.0.id()),
+                cluster_pid: Some(server.0.id()),
+                running: Running::Pair(
+                    Box::new(Running::Child(client)),
+                    Box::new(Running::Child(server)),
+                ),
+            })
+        }
+    }
 }
 
 /// Envoy: one worker, the grpc_web filter, no stream or route timeouts of its own (a call's

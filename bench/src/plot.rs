@@ -18,6 +18,11 @@ fn color(peer: PeerKind) -> RGBColor {
         PeerKind::TonicWeb => RGBColor(44, 160, 44),
         PeerKind::Envoy => RGBColor(214, 39, 40),
         PeerKind::Nginx => RGBColor(255, 127, 14),
+        PeerKind::BridgeH1 => RGBColor(148, 103, 189),
+        PeerKind::BridgeH2 => RGBColor(140, 86, 75),
+        PeerKind::BridgeH3 => RGBColor(227, 119, 194),
+        PeerKind::Quinn => RGBColor(23, 190, 207),
+        PeerKind::QuinnDefaults => RGBColor(188, 189, 34),
     }
 }
 

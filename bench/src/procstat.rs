@@ -58,6 +58,17 @@ pub fn mem_available_bytes() -> Option<u64> {
     })
 }
 
+/// UDP datagrams the kernel dropped because a socket's receive buffer was full, since boot, in
+/// this network namespace (`RcvbufErrors` of the `Udp:` lines in `/proc/net/snmp`).
+pub fn udp_rcvbuf_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let names = lines.next()?;
+    let values = lines.next()?;
+    let column = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(column)?.parse().ok()
+}
+
 /// Reset the peak RSS to the current RSS (`echo 5 > /proc/PID/clear_refs`, Linux ≥ 4.0).
 pub fn reset_peak(pid: u32) -> bool {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
@@ -102,5 +113,6 @@ mod tests {
         assert!(rss_bytes(pid).unwrap_or(0) > 0);
         assert!(peak_rss_bytes(pid).unwrap_or(0) >= rss_bytes(pid).unwrap_or(0) / 2);
         assert!(mem_available_bytes().unwrap_or(0) > 0);
+        assert!(udp_rcvbuf_errors().is_some());
     }
 }

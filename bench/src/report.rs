@@ -1,5 +1,6 @@
-//! The markdown report: one table per scenario (peers side by side, pnp/Envoy ratio), the
-//! targets of issue #6 with what was measured, and the machine.
+//! The markdown report: one table per scenario (peers side by side, with ratios: pnp/Envoy,
+//! and each bridge over pnp and over direct), the targets of issue #6 and, when bridges ran,
+//! those of issue #11, with what was measured, and the machine.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -18,6 +19,8 @@ fn metrics_for(scenario: Scenario, variant: &str) -> &'static [&'static str] {
             "p999_us",
             "added_p50_us",
             "cpu_us_per_op",
+            "edge_cpu_us_per_op",
+            "cluster_cpu_us_per_op",
         ],
         Scenario::S1 if variant.starts_with("open") => &[
             "p50_us",
@@ -26,14 +29,20 @@ fn metrics_for(scenario: Scenario, variant: &str) -> &'static [&'static str] {
             "p999_us",
             "added_p50_us",
             "cpu_us_per_op",
+            "edge_cpu_us_per_op",
+            "cluster_cpu_us_per_op",
             "errors",
         ],
         Scenario::S1 => &[
             "calls_per_s",
             "cpu_us_per_op",
+            "edge_cpu_us_per_op",
+            "cluster_cpu_us_per_op",
             "p50_us",
             "p99_us",
             "peak_rss_mb",
+            "edge_peak_rss_mb",
+            "cluster_peak_rss_mb",
             "errors",
         ],
         Scenario::S2 => &[
@@ -44,8 +53,12 @@ fn metrics_for(scenario: Scenario, variant: &str) -> &'static [&'static str] {
             "added_delay_p50_us",
             "added_delay_p99_us",
             "cpu_us_per_op",
+            "edge_cpu_us_per_op",
+            "cluster_cpu_us_per_op",
             "msgs_per_s",
             "peak_rss_mb",
+            "edge_peak_rss_mb",
+            "cluster_peak_rss_mb",
             "broken_streams",
         ],
         Scenario::S3 => &[
@@ -71,10 +84,17 @@ fn metrics_for(scenario: Scenario, variant: &str) -> &'static [&'static str] {
         ],
         Scenario::S6 => &[
             "gib_per_s",
+            "gbit_per_s",
             "gib_per_cpu_s",
             "peak_rss_mb",
+            "edge_peak_rss_mb",
+            "cluster_peak_rss_mb",
             "window_bound_mb",
             "cpu_s",
+            "edge_cpu_s",
+            "cluster_cpu_s",
+            "udp_rcvbuf_errors",
+            "client_lost_packets",
         ],
         Scenario::S7 => &[
             "p50_us",
@@ -117,10 +137,25 @@ fn metrics_for(scenario: Scenario, variant: &str) -> &'static [&'static str] {
 fn describe(metric: &str) -> &'static str {
     match metric {
         "calls_per_s" => "completed calls per second (higher is better)",
-        "cpu_us_per_op" => "CPU of the peer process per call / message / stream (µs)",
+        "cpu_us_per_op" => {
+            "CPU of the peer process per call / message / stream (µs); for a bridge, edge + \
+             cluster pnp"
+        }
+        "edge_cpu_us_per_op" => "bridges: the edge pnp's share of `cpu_us_per_op` (µs)",
+        "cluster_cpu_us_per_op" => "bridges: the cluster pnp's share of `cpu_us_per_op` (µs)",
         "p50_us" | "p90_us" | "p99_us" | "p999_us" => "call latency percentiles (µs)",
         "added_p50_us" => "p50 minus direct gRPC's p50 in the same scenario (µs)",
-        "peak_rss_mb" => "peak RSS of the peer during the point (MB)",
+        "peak_rss_mb" => {
+            "peak RSS of the peer during the point (MB); for a two-process peer, the larger of \
+             its two processes' peaks"
+        }
+        "edge_peak_rss_mb" => {
+            "peak RSS of a bridge's edge pnp (raw quinn: its client, the receiving end of \
+             downloads) (MB)"
+        }
+        "cluster_peak_rss_mb" => {
+            "peak RSS of a bridge's cluster pnp (raw quinn: its server) (MB)"
+        }
         "ttfm_p50_us" | "ttfm_p99_us" => "time to first message (µs)",
         "delay_p50_us" | "delay_p99_us" => "upstream send → client receive, per message (µs)",
         "added_delay_p50_us" | "added_delay_p99_us" => "per-message delay minus direct's (µs)",
@@ -130,8 +165,21 @@ fn describe(metric: &str) -> &'static str {
         "rss_mb" => "RSS with all streams open (MB)",
         "open_all_s" => "time to open all streams (s)",
         "gib_per_s" => "wall-clock throughput (GiB/s)",
-        "gib_per_cpu_s" => "GiB moved per CPU-second of the peer = GiB/s per core",
-        "cpu_s" => "CPU seconds of the peer over the point",
+        "gib_per_cpu_s" => {
+            "GiB moved per CPU-second of the peer = GiB/s per core (two-process peers: per \
+             CPU-second of both together)"
+        }
+        "gbit_per_s" => "wall-clock throughput (Gbit/s, 10⁹ bit/s)",
+        "cpu_s" => "CPU seconds of the peer over the point (two-process peers: both together)",
+        "edge_cpu_s" => "CPU seconds of a bridge's edge pnp (raw quinn: its client)",
+        "cluster_cpu_s" => "CPU seconds of a bridge's cluster pnp (raw quinn: its server)",
+        "udp_rcvbuf_errors" => {
+            "UDP datagrams the kernel dropped for a full socket receive buffer during the point \
+             (`RcvbufErrors`, /proc/net/snmp: the whole network namespace)"
+        }
+        "client_lost_packets" => {
+            "raw quinn: packets its client declared lost during the transfer (its own sends)"
+        }
         "window_bound_mb" => {
             "pnp's flow-control bound: streams × (upstream stream window + client-facing stream \
              window), 2 MiB per stream in the bench (MB); what pnp may hold beyond its baseline"
@@ -216,10 +264,41 @@ fn comparable(name: &str) -> bool {
         && !name.ends_with("errors")
         && !name.starts_with("broken")
         && !name.ends_with("_ratio")
+        && !name.ends_with("_packets")
+        && name != "udp_rcvbuf_errors"
         && !matches!(
             name,
             "stall_open_at_end" | "stall_resets" | "stall_statuses"
         )
+}
+
+/// A short name for ratio headers (`h3` for `bridge-h3`).
+fn short(peer: PeerKind) -> &'static str {
+    match peer {
+        PeerKind::BridgeH1 => "h1",
+        PeerKind::BridgeH2 => "h2",
+        PeerKind::BridgeH3 => "h3",
+        other => other.name(),
+    }
+}
+
+/// The ratio columns for the peers in the run: pnp/envoy (when Envoy ran, or no bridge did),
+/// and each bridge over pnp and over direct.
+fn ratio_columns(peers: &[PeerKind]) -> Vec<(PeerKind, PeerKind)> {
+    let has = |p| peers.contains(&p);
+    let mut columns = Vec::new();
+    let bridges: Vec<PeerKind> = PeerKind::BRIDGES.into_iter().filter(|b| has(*b)).collect();
+    if has(PeerKind::Envoy) || bridges.is_empty() {
+        columns.push((PeerKind::Pnp, PeerKind::Envoy));
+    }
+    for bridge in bridges {
+        for base in [PeerKind::Pnp, PeerKind::Direct] {
+            if has(base) {
+                columns.push((bridge, base));
+            }
+        }
+    }
+    columns
 }
 
 /// The whole report.
@@ -229,8 +308,16 @@ pub fn markdown(results: &Results) -> String {
         .into_iter()
         .filter(|p| results.medians.iter().any(|m| m.peer == *p))
         .collect();
+    let ratios = ratio_columns(&peers);
     let _ = writeln!(out, "## Targets\n");
     out.push_str(&targets(results));
+    if peers
+        .iter()
+        .any(|p| p.bridge_scheme().is_some() || p.is_raw_quic())
+    {
+        let _ = writeln!(out, "\n### Bridges (issue #11)\n");
+        out.push_str(&bridge_targets(results));
+    }
     for scenario in Scenario::ALL {
         let mut rows: BTreeMap<(String, Protocol), Vec<&Median>> = BTreeMap::new();
         for m in results
@@ -245,17 +332,35 @@ pub fn markdown(results: &Results) -> String {
         if rows.is_empty() {
             continue;
         }
+        // The peers (and ratios) of this scenario: raw quinn runs S6 only.
+        let peers: Vec<PeerKind> = peers
+            .iter()
+            .copied()
+            .filter(|p| rows.values().flatten().any(|m| m.peer == *p))
+            .collect();
+        let ratios: Vec<(PeerKind, PeerKind)> = ratios
+            .iter()
+            .copied()
+            .filter(|(a, b)| peers.contains(a) && (peers.contains(b) || *b == PeerKind::Envoy))
+            .chain(
+                (peers.contains(&PeerKind::BridgeH3) && peers.contains(&PeerKind::Quinn))
+                    .then_some((PeerKind::BridgeH3, PeerKind::Quinn)),
+            )
+            .collect();
         let _ = writeln!(out, "\n### {}\n", scenario.title());
         let _ = write!(out, "| variant | protocol | metric |");
         for p in &peers {
             let _ = write!(out, " {p} |");
         }
-        let _ = writeln!(out, " pnp/envoy |");
+        for (a, b) in &ratios {
+            let _ = write!(out, " {}/{} |", short(*a), short(*b));
+        }
+        let _ = writeln!(out);
         let _ = write!(out, "|---|---|---|");
-        for _ in &peers {
+        for _ in peers.iter().chain(ratios.iter().map(|(a, _)| a)) {
             let _ = write!(out, "---:|");
         }
-        let _ = writeln!(out, "---:|");
+        let _ = writeln!(out);
         // Variants in plan order: sort by their first appearance.
         let mut keys: Vec<&(String, Protocol)> = rows.keys().collect();
         keys.sort_by_key(|(variant, protocol)| {
@@ -303,13 +408,16 @@ pub fn markdown(results: &Results) -> String {
                     };
                     let _ = write!(out, " {cell} |");
                 }
-                let ratio = match (value(PeerKind::Pnp), value(PeerKind::Envoy)) {
-                    (Some(a), Some(b)) if b != 0.0 && comparable(name) => {
-                        format!("{:.2}", a / b)
-                    }
-                    _ => "–".into(),
-                };
-                let _ = writeln!(out, " {ratio} |");
+                for (a, b) in &ratios {
+                    let ratio = match (value(*a), value(*b)) {
+                        (Some(a), Some(b)) if b != 0.0 && comparable(name) => {
+                            format!("{:.2}", a / b)
+                        }
+                        _ => "–".into(),
+                    };
+                    let _ = write!(out, " {ratio} |");
+                }
+                let _ = writeln!(out);
             }
         }
         let failures: Vec<String> = rows
@@ -344,6 +452,14 @@ pub fn markdown(results: &Results) -> String {
             })
             .collect();
         out.push('\n');
+        if scenario == Scenario::S6 && peers.iter().any(|p| p.is_raw_quic()) {
+            let _ = writeln!(
+                out,
+                "- quinn, quinn-defaults: raw quinn, no gRPC and no HTTP/3 (one QUIC stream of \
+                 the size, 64 KiB writes, client and server in two processes; `quinn` with pnp's \
+                 QUIC windows, `quinn-defaults` with quinn's), shown in the `grpc-h2` rows"
+            );
+        }
         for name in legend {
             let d = describe(name);
             if !d.is_empty() {
@@ -567,6 +683,10 @@ pub fn targets(results: &Results) -> String {
     for (label, scenario, variant, protocol, name, limit, higher_is_better) in rows {
         let pnp = metric(results, scenario, &variant, protocol, PeerKind::Pnp, name);
         let envoy = metric(results, scenario, &variant, protocol, PeerKind::Envoy, name);
+        if pnp.is_none() && envoy.is_none() {
+            // Not measured in this run (a subset of scenarios or peers).
+            continue;
+        }
         let met = match pnp {
             Some(v) if higher_is_better => {
                 if v >= limit {
@@ -628,6 +748,135 @@ pub fn targets(results: &Results) -> String {
                 show(pnp),
                 show(envoy)
             );
+        }
+    }
+    out
+}
+
+/// The bridge targets of issue #11: QUIC bulk ≥ 2.5 Gbit/s per connection at an Ethernet
+/// MTU (the HTTP/3 bridge's S6 figures beside raw quinn's), and peak RSS ≤ 64 MB per pnp
+/// process in S6 (each bridge's edge / cluster; raw quinn's client / server for reference).
+pub fn bridge_targets(results: &Results) -> String {
+    use Protocol::*;
+    use Scenario::*;
+    const QUIC_GBIT: f64 = 2.5;
+    const RSS_MB: f64 = 64.0;
+    let mut out = String::new();
+    let columns = [
+        PeerKind::BridgeH1,
+        PeerKind::BridgeH2,
+        PeerKind::BridgeH3,
+        PeerKind::Quinn,
+        PeerKind::QuinnDefaults,
+    ];
+    let _ = write!(out, "| target | where measured |");
+    for c in columns {
+        let _ = write!(out, " {c} |");
+    }
+    let _ = writeln!(out, " met |");
+    let _ = write!(out, "|---|---|");
+    for _ in columns {
+        let _ = write!(out, "---:|");
+    }
+    let _ = writeln!(out, ":---:|");
+    let show = |v: Option<f64>| v.map_or("–".into(), fmt);
+    let mut variants: Vec<String> = results
+        .scale
+        .s6_sizes
+        .iter()
+        .map(|&s| crate::runner::size_name(s))
+        .collect();
+    variants.extend(
+        results
+            .scale
+            .s6_upload_sizes
+            .iter()
+            .map(|&s| crate::runner::upload_variant(s)),
+    );
+    // Throughput: the HTTP/3 bridge against the target, raw quinn beside it (its rows are the
+    // gRPC ones).
+    for variant in &variants {
+        for protocol in [Grpc, WebH2] {
+            let get = |peer: PeerKind, name: &str| {
+                let protocol = if peer.is_raw_quic() { Grpc } else { protocol };
+                results
+                    .medians
+                    .iter()
+                    .find(|m| {
+                        m.point.scenario == S6
+                            && &m.point.variant == variant
+                            && m.point.protocol == protocol
+                            && m.peer == peer
+                    })
+                    .and_then(|m| m.metrics.get(name).copied())
+            };
+            if columns.iter().all(|c| get(*c, "gbit_per_s").is_none()) {
+                continue;
+            }
+            let h3 = get(PeerKind::BridgeH3, "gbit_per_s");
+            let met = h3.map_or("–", |v| if v >= QUIC_GBIT { "yes" } else { "no" });
+            let _ = write!(
+                out,
+                "| QUIC bulk on loopback ≥ {QUIC_GBIT} Gbit/s per connection at an Ethernet MTU \
+                 (met: bridge-h3) | S6 {variant} {} `gbit_per_s` |",
+                protocol.name()
+            );
+            for c in columns {
+                let _ = write!(out, " {} |", show(get(c, "gbit_per_s")));
+            }
+            let _ = writeln!(out, " {met} |");
+            let _ = write!(
+                out,
+                "| (same point: GiB per CPU-second, both processes) | S6 {variant} {} \
+                 `gib_per_cpu_s` |",
+                protocol.name()
+            );
+            for c in columns {
+                let _ = write!(out, " {} |", show(get(c, "gib_per_cpu_s")));
+            }
+            let _ = writeln!(out, " – |");
+        }
+    }
+    // Memory: each bridge's edge / cluster peak.
+    for variant in &variants {
+        for protocol in [Grpc, WebH2] {
+            let pair = |peer: PeerKind| {
+                let m = results.medians.iter().find(|m| {
+                    m.point.scenario == S6
+                        && &m.point.variant == variant
+                        && m.point.protocol == protocol
+                        && m.peer == peer
+                })?;
+                Some((
+                    m.metrics.get("edge_peak_rss_mb").copied()?,
+                    m.metrics.get("cluster_peak_rss_mb").copied()?,
+                ))
+            };
+            let cells: Vec<Option<(f64, f64)>> = columns.into_iter().map(pair).collect();
+            let bridges: Vec<(f64, f64)> = PeerKind::BRIDGES
+                .into_iter()
+                .filter_map(|b| columns.iter().position(|c| *c == b).and_then(|i| cells[i]))
+                .collect();
+            if bridges.is_empty() {
+                continue;
+            }
+            let measured = bridges;
+            let met = if measured.iter().all(|(e, c)| *e <= RSS_MB && *c <= RSS_MB) {
+                "yes"
+            } else {
+                "no"
+            };
+            let _ = write!(
+                out,
+                "| RSS bounded as in the data-path issue (peak ≤ {RSS_MB} MB per pnp process; \
+                 edge / cluster) | S6 {variant} {} `edge_peak_rss_mb / cluster_peak_rss_mb` |",
+                protocol.name()
+            );
+            for cell in &cells {
+                let cell = cell.map_or("–".into(), |(e, c)| format!("{} / {}", fmt(e), fmt(c)));
+                let _ = write!(out, " {cell} |");
+            }
+            let _ = writeln!(out, " {met} |");
         }
     }
     out

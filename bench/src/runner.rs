@@ -311,6 +311,11 @@ fn point_timeout(point: &Point, scale: &Scale) -> Duration {
 }
 
 async fn run_point(point: &Point, target: &Target, scale: &Scale) -> anyhow::Result<Sample> {
+    if target.peer.is_some_and(PeerKind::is_raw_quic) {
+        let size = size_of(&point.variant).unwrap_or(1 << 20);
+        let upload = point.variant.starts_with(UPLOAD_PREFIX);
+        return scenarios::s6_quinn(target, size, upload).await;
+    }
     scenarios::check(target).await?;
     match point.scenario {
         Scenario::S1 if point.variant == "c1" => scenarios::s1_closed(target, scale, 1).await,
@@ -343,12 +348,25 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<Results> {
         .map_or(0, |d| d.as_secs());
     let points = plan(&options.scale, &options.scenarios, &options.protocols);
     let mut skipped = BTreeMap::new();
+    let mut tools = options.tools.clone();
+    // The HTTP/3 bridge's certificates: once per run.
+    let certs = if options.peers.contains(&PeerKind::BridgeH3) {
+        tools.make_dev_certs().map_err(|e| format!("{e:#}"))
+    } else {
+        Ok(())
+    };
     let peers: Vec<PeerKind> = options
         .peers
         .iter()
         .copied()
         .filter(|&peer| {
-            let ok = options.tools.can_run(peer);
+            if peer == PeerKind::BridgeH3 {
+                if let Err(why) = &certs {
+                    let _ = skipped.insert(peer.name().to_owned(), why.clone());
+                    return false;
+                }
+            }
+            let ok = tools.can_run(peer);
             if !ok {
                 let _ = skipped.insert(peer.name().to_owned(), "binary not found".to_owned());
             }
@@ -357,7 +375,12 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<Results> {
         .collect();
     let total: usize = peers
         .iter()
-        .map(|peer| points.iter().filter(|p| peer.supports(p.protocol)).count())
+        .map(|peer| {
+            points
+                .iter()
+                .filter(|p| peer.runs(p.scenario, p.protocol))
+                .count()
+        })
         .sum::<usize>()
         * options.repeats;
     let bar = if options.progress {
@@ -377,7 +400,7 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<Results> {
         for &peer in &peers {
             let mine: Vec<&Point> = points
                 .iter()
-                .filter(|p| peer.supports(p.protocol))
+                .filter(|p| peer.runs(p.scenario, p.protocol))
                 .collect();
             // A fresh upstream and peer for each scenario, and for each point of S5, S6, S8 and
             // S9, so memory one point leaves behind (allocators keep freed pages) is not charged
@@ -418,8 +441,14 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<Results> {
                         upstream.stop().await;
                     }
                     let started = async {
-                        let upstream = peers::start_upstream(&options.tools).await?;
-                        let running = peers::start(peer, &upstream, &options.tools).await?;
+                        let upstream = peers::start_upstream(&tools).await?;
+                        let running = match peers::start(peer, &upstream, &tools).await {
+                            Ok(running) => running,
+                            Err(e) => {
+                                upstream.stop().await;
+                                return Err(e);
+                            }
+                        };
                         Ok::<_, anyhow::Error>((upstream, running))
                     }
                     .await;
@@ -459,6 +488,7 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<Results> {
                     addr: running.addr,
                     protocol: point.protocol,
                     peer_pid: running.pid,
+                    cluster_pid: running.cluster_pid,
                     upstream_pid: upstream.pid,
                     peer: Some(peer),
                 };
@@ -660,7 +690,8 @@ pub fn machine(tools: &Tools) -> BTreeMap<String, String> {
         }
     }
     let pinning = format!(
-        "peer on CPU {:?}, upstream on CPU {:?}, load client on the rest",
+        "peer on CPU {:?} (both processes of a two-process peer: a bridge's edge and cluster \
+         pnp, raw quinn's client and server), upstream on CPU {:?}, load client on the rest",
         tools.peer_cpu, tools.upstream_cpu
     );
     let _ = m.insert("pinning".into(), pinning);

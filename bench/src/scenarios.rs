@@ -199,12 +199,26 @@ pub struct Target {
     pub addr: SocketAddr,
     /// How to speak to it.
     pub protocol: Protocol,
-    /// The peer's process, when it is not this one.
+    /// The peer's process, when it is not this one (a bridge's edge pnp, raw quinn's client).
     pub peer_pid: Option<u32>,
+    /// The second process of a two-process peer (a bridge's cluster pnp, raw quinn's
+    /// server): its CPU is added to the peer's, its memory reported beside it.
+    pub cluster_pid: Option<u32>,
     /// The upstream's process, when it is separate from the peer.
     pub upstream_pid: Option<u32>,
     /// Which peer it is, when known (the windows it holds bulk data in depend on it).
     pub peer: Option<PeerKind>,
+}
+
+impl Target {
+    /// Resident memory of the peer: both processes of a two-process peer together.
+    fn rss_bytes(&self) -> Option<u64> {
+        let edge = self.peer_pid.and_then(procstat::rss_bytes)?;
+        match self.cluster_pid {
+            Some(cluster) => Some(edge + procstat::rss_bytes(cluster)?),
+            None => Some(edge),
+        }
+    }
 }
 
 /// The numbers of one run of one point.
@@ -219,6 +233,21 @@ pub struct Sample {
 impl Sample {
     fn set(&mut self, name: &str, value: f64) {
         let _ = self.metrics.insert(name.to_owned(), value);
+    }
+
+    /// Set `cpu_us_per_op` (and, for a two-process peer, `edge_cpu_us_per_op` and
+    /// `cluster_cpu_us_per_op`) from the CPU seconds recorded, over `ops` operations.
+    fn per_op(&mut self, ops: f64) {
+        let ops = ops.max(1.0);
+        for (total, per_op) in [
+            ("cpu_s", "cpu_us_per_op"),
+            ("edge_cpu_s", "edge_cpu_us_per_op"),
+            ("cluster_cpu_s", "cluster_cpu_us_per_op"),
+        ] {
+            if let Some(cpu) = self.metrics.get(total).copied() {
+                self.set(per_op, cpu * 1e6 / ops);
+            }
+        }
     }
 
     fn latency(&mut self, prefix: &str, histogram: &Histogram<u64>, with_cdf: bool) {
@@ -265,11 +294,14 @@ fn record(h: &mut Histogram<u64>, d: Duration) {
     let _ = h.record((d.as_nanos() as u64).clamp(1000, 100_000_000_000));
 }
 
-/// CPU and memory of the peer (and upstream) over a measured window.
+/// CPU and memory of the peer (both processes of a two-process peer, and the upstream) over
+/// a measured window.
 struct Meter {
     started: Instant,
     peer: Option<CpuMark>,
+    cluster: Option<CpuMark>,
     upstream: Option<CpuMark>,
+    udp_rcvbuf_errors: Option<u64>,
 }
 
 impl Meter {
@@ -277,28 +309,59 @@ impl Meter {
         Self {
             started: Instant::now(),
             peer: target.peer_pid.and_then(CpuMark::start),
+            cluster: target.cluster_pid.and_then(CpuMark::start),
             upstream: target
                 .upstream_pid
                 .filter(|u| Some(*u) != target.peer_pid)
                 .and_then(CpuMark::start),
+            udp_rcvbuf_errors: procstat::udp_rcvbuf_errors(),
         }
     }
 
-    /// Record wall time, CPU per `ops` (in µs per op) and peak RSS.
+    /// Record wall time, CPU per `ops` (in µs per op) and peak RSS. For a two-process peer,
+    /// `cpu_s` is the sum of both, `peak_rss_mb` the larger of the two, and each process's
+    /// own figures are kept as `edge_…` and `cluster_…`.
     fn finish(&self, sample: &mut Sample, ops: f64) {
         let wall = self.started.elapsed().as_secs_f64();
         sample.set("wall_s", wall);
         if let Some(peer) = &self.peer {
-            if let Some(cpu) = peer.elapsed() {
+            let edge_cpu = peer.elapsed();
+            let cluster_cpu = self.cluster.as_ref().and_then(CpuMark::elapsed);
+            let edge_peak = procstat::peak_rss_bytes(peer.pid()).map(|b| b as f64 / 1e6);
+            let cluster_peak = self
+                .cluster
+                .as_ref()
+                .and_then(|c| procstat::peak_rss_bytes(c.pid()))
+                .map(|b| b as f64 / 1e6);
+            let cpu = match (edge_cpu, cluster_cpu, &self.cluster) {
+                (Some(edge), Some(cluster), Some(_)) => {
+                    sample.set("edge_cpu_s", edge);
+                    sample.set("cluster_cpu_s", cluster);
+                    Some(edge + cluster)
+                }
+                (_, _, Some(_)) => None,
+                (edge, _, None) => edge,
+            };
+            if let Some(cpu) = cpu {
                 sample.set("cpu_s", cpu);
                 sample.set("cpu_util", cpu / wall);
                 if ops > 0.0 {
-                    sample.set("cpu_us_per_op", cpu * 1e6 / ops);
+                    sample.per_op(ops);
                 }
             }
-            if let Some(peak) = procstat::peak_rss_bytes(peer.pid()) {
-                sample.set("peak_rss_mb", peak as f64 / 1e6);
+            match (edge_peak, cluster_peak) {
+                (Some(edge), Some(cluster)) => {
+                    sample.set("edge_peak_rss_mb", edge);
+                    sample.set("cluster_peak_rss_mb", cluster);
+                    sample.set("peak_rss_mb", edge.max(cluster));
+                }
+                (Some(edge), None) if self.cluster.is_none() => sample.set("peak_rss_mb", edge),
+                _ => {}
             }
+        }
+        if let (Some(before), Some(after)) = (self.udp_rcvbuf_errors, procstat::udp_rcvbuf_errors())
+        {
+            sample.set("udp_rcvbuf_errors", after.saturating_sub(before) as f64);
         }
         if let (Some(upstream), true) = (&self.upstream, ops > 0.0) {
             if let Some(cpu) = upstream.elapsed() {
@@ -406,9 +469,7 @@ pub async fn s1_closed(
     }
     let wall = cpu_sample.metrics.get("wall_s").copied().unwrap_or(1.0);
     sample.metrics = cpu_sample.metrics;
-    if let Some(cpu) = sample.metrics.get("cpu_s").copied() {
-        sample.set("cpu_us_per_op", cpu * 1e6 / ok.max(1) as f64);
-    }
+    sample.per_op(ok as f64);
     if let Some(up) = sample.metrics.get("upstream_cpu_us_per_op").copied() {
         sample.set("upstream_cpu_us_per_op", up / ok.max(1) as f64);
     }
@@ -609,9 +670,7 @@ pub async fn s2_paced(target: &Target, scale: &Scale, streams: usize) -> anyhow:
     }
     let wall = cpu.metrics.get("wall_s").copied().unwrap_or(1.0);
     sample.metrics = cpu.metrics;
-    if let Some(c) = sample.metrics.get("cpu_s").copied() {
-        sample.set("cpu_us_per_op", c * 1e6 / messages.max(1) as f64);
-    }
+    sample.per_op(messages as f64);
     if let Some(up) = sample.metrics.get("upstream_cpu_us_per_op").copied() {
         sample.set("upstream_cpu_us_per_op", up / messages.max(1) as f64);
     }
@@ -684,9 +743,7 @@ pub async fn s3_unpaced(target: &Target, scale: &Scale) -> anyhow::Result<Sample
     let mut sample = Sample::default();
     let wall = cpu.metrics.get("wall_s").copied().unwrap_or(1.0);
     sample.metrics = cpu.metrics;
-    if let Some(c) = sample.metrics.get("cpu_s").copied() {
-        sample.set("cpu_us_per_op", c * 1e6 / messages.max(1) as f64);
-    }
+    sample.per_op(messages as f64);
     if let Some(up) = sample.metrics.get("upstream_cpu_us_per_op").copied() {
         sample.set("upstream_cpu_us_per_op", up / messages.max(1) as f64);
     }
@@ -756,9 +813,7 @@ pub async fn s4_churn(target: &Target, scale: &Scale) -> anyhow::Result<Sample> 
     let mut sample = Sample::default();
     let wall = cpu.metrics.get("wall_s").copied().unwrap_or(1.0);
     sample.metrics = cpu.metrics;
-    if let Some(c) = sample.metrics.get("cpu_us_per_op").copied() {
-        sample.set("cpu_us_per_op", c / ok.max(1) as f64);
-    }
+    sample.per_op(ok as f64);
     if let Some(up) = sample.metrics.get("upstream_cpu_us_per_op").copied() {
         sample.set("upstream_cpu_us_per_op", up / ok.max(1) as f64);
     }
@@ -778,7 +833,7 @@ pub async fn s5_idle(target: &Target, scale: &Scale) -> anyhow::Result<Sample> {
     };
     // Settle, then the baseline.
     tokio::time::sleep(scale.warmup.min(Duration::from_millis(300))).await;
-    let rss_before = target.peer_pid.and_then(procstat::rss_bytes);
+    let rss_before = target.rss_bytes();
     let meter = Meter::start(target);
     let t0 = Instant::now();
     let spec = CallSpec::stream(Method::Idle, Params::default());
@@ -789,7 +844,7 @@ pub async fn s5_idle(target: &Target, scale: &Scale) -> anyhow::Result<Sample> {
         record(&mut ttfm, *t);
     }
     tokio::time::sleep((scale.warmup / 2).min(Duration::from_millis(500))).await;
-    let rss_after = target.peer_pid.and_then(procstat::rss_bytes);
+    let rss_after = target.rss_bytes();
     let mut sample = Sample::default();
     meter.finish(&mut sample, opened.len() as f64);
     sample.set("streams", opened.len() as f64);
@@ -858,6 +913,27 @@ pub async fn s6_upload(target: &Target, size: u64) -> anyhow::Result<Sample> {
     Ok(sample)
 }
 
+/// S6 for raw quinn ([`crate::quic`]): one transfer of `size` bytes on a new stream of the
+/// raw client's connection, downloaded (server → client) or uploaded. The wall time is the
+/// client's (stream opened → last byte read, or the server's count received); CPU and memory
+/// are both processes', as for a bridge.
+pub async fn s6_quinn(target: &Target, size: u64, upload: bool) -> anyhow::Result<Sample> {
+    let direction = if upload {
+        crate::quic::Direction::Upload
+    } else {
+        crate::quic::Direction::Download
+    };
+    let meter = Meter::start(target);
+    let timeout = Duration::from_secs(120 + size / (16 << 20));
+    let transfer = crate::quic::request(target.addr, direction, size, timeout).await?;
+    let mut sample = Sample::default();
+    bulk_figures(&mut sample, &meter, target, size, 1, transfer.wall_s);
+    sample.set("client_lost_packets", transfer.client_lost_packets as f64);
+    sample.set("path_mtu", f64::from(transfer.mtu));
+    sample.set("rtt_us", transfer.rtt_us);
+    Ok(sample)
+}
+
 /// S9: `s9_streams` downloads of one `s9_size`-byte message each, all at once, spread over
 /// `connections` HTTP/2 connections (HTTP/1.1: one connection each). Reports aggregate GiB/s
 /// (all bytes over the wall time until the last one ends), GiB per peer CPU-second, peak RSS,
@@ -911,7 +987,11 @@ pub async fn s9_concurrent(target: &Target, scale: &Scale) -> anyhow::Result<Sam
         sample.set("first_done_s", first.as_secs_f64());
         sample.set("last_done_s", last.as_secs_f64());
     }
-    if let (Some(before), Some(peak)) = (rss_before, sample.metrics.get("peak_rss_mb").copied()) {
+    // For a two-process peer, the edge's own (`rss_before` is the edge's).
+    let peak = ["edge_peak_rss_mb", "peak_rss_mb"]
+        .into_iter()
+        .find_map(|k| sample.metrics.get(k).copied());
+    if let (Some(before), Some(peak)) = (rss_before, peak) {
         sample.set("rss_before_mb", before as f64 / 1e6);
         sample.set("added_rss_mb", peak - before as f64 / 1e6);
     }
@@ -944,6 +1024,10 @@ fn bulk_figures(
     sample.set("size_mb", size as f64 / 1e6);
     sample.set("streams", streams as f64);
     sample.set("gib_per_s", gib / wall);
+    sample.set(
+        "gbit_per_s",
+        size as f64 * streams as f64 * 8.0 / wall / 1e9,
+    );
     if let Some(cpu) = sample.metrics.get("cpu_s").copied() {
         if cpu > 0.0 {
             sample.set("gib_per_cpu_s", gib / cpu);
@@ -1125,6 +1209,12 @@ pub async fn s8_stalled(target: &Target, scale: &Scale) -> anyhow::Result<Sample
     );
     if let Some(peak) = usage.metrics.get("peak_rss_mb").copied() {
         sample.set("peak_rss_mb", peak);
+    }
+    // For a two-process peer, the edge's own (`rss_before` is the edge's).
+    let edge_peak = ["edge_peak_rss_mb", "peak_rss_mb"]
+        .into_iter()
+        .find_map(|k| usage.metrics.get(k).copied());
+    if let Some(peak) = edge_peak {
         if let Some(before) = rss_before {
             sample.set("stall_added_rss_mb", peak - before as f64 / 1e6);
         }

@@ -26,6 +26,7 @@ async fn every_scenario_runs_against_pnp() {
             peer_cpu: None,
             upstream_cpu: None,
             workdir: workdir.clone(),
+            dev_certs: None,
         },
         idle: IdleGate::never(),
         progress: false,
@@ -149,5 +150,94 @@ async fn every_scenario_runs_against_pnp() {
         plots.iter().any(|p| p == "concurrent-bulk.svg"),
         "{plots:?}"
     );
+    let _ = std::fs::remove_dir_all(&workdir);
+}
+
+/// The bridges (two pnps in this process, over HTTP/1.1, HTTP/2 and HTTP/3) and raw quinn run
+/// S1, S2 and S6 beside direct and pnp; the report gets the bridge targets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridges_and_raw_quinn_run() {
+    let workdir = std::env::temp_dir().join(format!("pnp-bench-bridges-{}", std::process::id()));
+    std::fs::create_dir_all(&workdir).expect("workdir");
+    let peers = vec![
+        PeerKind::Direct,
+        PeerKind::Pnp,
+        PeerKind::BridgeH1,
+        PeerKind::BridgeH2,
+        PeerKind::BridgeH3,
+        PeerKind::Quinn,
+        PeerKind::QuinnDefaults,
+    ];
+    let options = RunOptions {
+        scale: Scale::smoke(),
+        peers: peers.clone(),
+        scenarios: vec![Scenario::S1, Scenario::S2, Scenario::S6],
+        protocols: vec![Protocol::Grpc, Protocol::WebH2, Protocol::WebH1],
+        repeats: 1,
+        tools: Tools {
+            pnp: None,
+            envoy: None,
+            nginx: None,
+            bench: None,
+            peer_cpu: None,
+            upstream_cpu: None,
+            workdir: workdir.clone(),
+            dev_certs: None,
+        },
+        idle: IdleGate::never(),
+        progress: false,
+        checkpoint: None,
+    };
+    let results = runner::run(&options).await.expect("run");
+    let failures: Vec<String> = results
+        .records
+        .iter()
+        .filter_map(|r| {
+            r.error.as_ref().map(|e| {
+                format!(
+                    "{} {:?} {} {}: {e}",
+                    r.peer,
+                    r.point.scenario,
+                    r.point.variant,
+                    r.point.protocol.name()
+                )
+            })
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "points failed:\n{}",
+        failures.join("\n")
+    );
+    for peer in peers {
+        for scenario in [Scenario::S1, Scenario::S2, Scenario::S6] {
+            let ran = results
+                .medians
+                .iter()
+                .any(|m| m.peer == peer && m.point.scenario == scenario && m.runs == 1);
+            assert_eq!(
+                ran,
+                peer.runs(scenario, Protocol::Grpc),
+                "{peer} {scenario:?}"
+            );
+        }
+    }
+    for m in results
+        .medians
+        .iter()
+        .filter(|m| m.point.scenario == Scenario::S6)
+    {
+        assert!(
+            m.metrics.get("gbit_per_s").copied().unwrap_or(0.0) > 0.0,
+            "{} {}: {:?}",
+            m.peer,
+            m.point.variant,
+            m.metrics
+        );
+    }
+    let report = pnp_bench::report::markdown(&results);
+    assert!(report.contains("### Bridges (issue #11)"), "{report}");
+    assert!(report.contains("| bridge-h3 |"), "{report}");
+    assert!(report.contains(" h3/pnp |"), "{report}");
     let _ = std::fs::remove_dir_all(&workdir);
 }
