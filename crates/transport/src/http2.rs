@@ -239,7 +239,9 @@ impl Shared {
         if let Some(sender) = pooled.current() {
             return Ok(sender);
         }
-        let sender = self.connect().await?;
+        // Boxed: the connect future (TLS, handshake) is large, and inline it would make every
+        // call's future as large, connecting or not.
+        let sender = Box::pin(self.connect()).await?;
         *pooled
             .sender
             .lock()
