@@ -229,9 +229,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         UpstreamTarget::Url(_) => None,
     };
 
+    let scheme = if config.listener.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let proxy = pnp_proxy::Proxy::start(config).await?;
     eprintln!(
-        "pnp listening on http://{} (admin {})",
+        "pnp listening on {scheme}://{} (admin {})",
         proxy.local_addr(),
         proxy
             .admin_addr()

@@ -31,8 +31,11 @@ fn serve(args: &[&str]) -> (Running, SocketAddr, SocketAddr) {
     let running = Running { child };
     for line in lines.by_ref() {
         let line = line.expect("stderr line");
-        // "pnp listening on http://ADDR (admin http://ADDR)"
-        if let Some(rest) = line.strip_prefix("pnp listening on http://") {
+        // "pnp listening on http://ADDR (admin http://ADDR)", https:// with TLS
+        let announced = line
+            .strip_prefix("pnp listening on http://")
+            .or_else(|| line.strip_prefix("pnp listening on https://"));
+        if let Some(rest) = announced {
             let (data, admin) = rest.split_once(" (admin http://").expect("admin address");
             let data = data.parse().expect("data address");
             let admin = admin.trim_end_matches(')').parse().expect("admin address");
@@ -150,4 +153,42 @@ fn sigterm_stops_it_gracefully() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// With `--tls-cert/--tls-key` (here from `pnp certs dev`) the announced address is `https://`.
+#[test]
+fn a_tls_listener_is_announced_as_https() {
+    let dir = std::env::temp_dir().join(format!("pnp-cli-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let made = Command::new(env!("CARGO_BIN_EXE_pnp"))
+        .args(["certs", "dev"])
+        .arg(&dir)
+        .output()
+        .expect("run pnp certs dev");
+    assert!(made.status.success(), "{made:?}");
+    let cert = dir.join("server.pem");
+    let key = dir.join("server-key.pem");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pnp"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pnp");
+    let stderr = child.stderr.take().expect("stderr");
+    let _running = Running { child };
+    let announced = BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .find(|line| line.starts_with("pnp listening on"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let announced = announced.expect("pnp announced its address");
+    assert!(
+        announced.starts_with("pnp listening on https://127.0.0.1:"),
+        "{announced}"
+    );
 }
