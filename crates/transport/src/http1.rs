@@ -28,15 +28,16 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use pnp_call::{Call, Code, Message, Reply, ReplyItem, ResponseHead, Status, FRAGMENT_THRESHOLD};
+use pnp_call::{Call, Code, Reply, ReplyItem, ResponseHead, Status, FRAGMENT_THRESHOLD};
 use pnp_wire::content_type::{self, Protocol};
-use pnp_wire::frame::{Frame as WireFrame, FrameDecoder, FrameKind, Part as WirePart};
+use pnp_wire::frame::{FrameDecoder, FrameKind};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 
 use crate::api::{BoxFuture, Capabilities, Estimate, Kind, Meter, Transport};
 use crate::connect::{connector, open, unreachable, Alpn, Endpoint};
-use crate::http2::{frame_error_status, part_frame, EgressBody};
+use crate::grpc::{self, Decoded};
+use crate::http2::{part_frame, EgressBody};
 use crate::{strip_response_headers, Blame, TransportError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -179,34 +180,18 @@ impl Shared {
     }
 
     fn request(&self, call: Call) -> Result<Request<EgressBody>, TransportError> {
-        let uri = self
-            .endpoint
-            .uri(call.head.path.as_str())
-            .map_err(|e| TransportError {
-                status: Box::new(Status::new(
-                    Code::Internal,
-                    format!("pnp: cannot build upstream URI: {e}"),
-                )),
-                blame: Blame::Proxy,
-                unprocessed: true,
-            })?;
-        let mut headers = call.head.metadata;
-        let content_type = match &call.head.subtype {
-            Some(sub) => HeaderValue::from_str(&format!("application/grpc-web+{sub}"))
-                .unwrap_or(HeaderValue::from_static("application/grpc-web")),
-            None => HeaderValue::from_static("application/grpc-web"),
-        };
-        headers.insert(header::CONTENT_TYPE, content_type);
-        headers.insert("x-grpc-web", HeaderValue::from_static("1"));
-        headers.insert(
-            header::ACCEPT,
-            HeaderValue::from_static("application/grpc-web"),
+        let endpoint = &self.endpoint;
+        let uri = grpc::request_uri(
+            endpoint.scheme.clone(),
+            endpoint.authority.clone(),
+            &call.head,
+        )?;
+        let mut headers = grpc::request_headers(
+            call.head.metadata,
+            call.head.subtype.as_deref(),
+            call.head.timeout,
+            Protocol::GrpcWeb,
         );
-        if let Some(timeout) = call.head.timeout {
-            if let Ok(value) = HeaderValue::from_str(&pnp_wire::timeout::encode(timeout)) {
-                headers.insert("grpc-timeout", value);
-            }
-        }
         if let Ok(host) = HeaderValue::from_str(self.endpoint.authority.as_str()) {
             headers.insert(header::HOST, host);
         }
@@ -394,17 +379,9 @@ impl Stream for WebReplyStream {
                 return Poll::Ready(None);
             }
             if this.status.is_none() {
-                match this.decoder.next_part() {
-                    Ok(Some(WirePart::Frame(WireFrame::Message { compressed, data }))) => {
-                        return Poll::Ready(Some(ReplyItem::Message(Message { compressed, data })))
-                    }
-                    Ok(Some(WirePart::Head { compressed, len })) => {
-                        return Poll::Ready(Some(ReplyItem::Head { compressed, len }))
-                    }
-                    Ok(Some(WirePart::Fragment { data, last })) => {
-                        return Poll::Ready(Some(ReplyItem::Fragment { data, last }))
-                    }
-                    Ok(Some(WirePart::Frame(WireFrame::Trailers { block, .. }))) => {
+                match grpc::next_item(&mut this.decoder) {
+                    Decoded::Item(item) => return Poll::Ready(Some(item)),
+                    Decoded::Trailers(block) => {
                         let status = match pnp_wire::trailers::decode_block(&block) {
                             Ok(trailers) => Status::from_headers(&trailers).unwrap_or_else(|| {
                                 Status::new(
@@ -419,8 +396,8 @@ impl Stream for WebReplyStream {
                         };
                         this.status = Some(status);
                     }
-                    Ok(None) => {}
-                    Err(e) => return this.finish(frame_error_status(&e)),
+                    Decoded::Failed(status) => return this.finish(status),
+                    Decoded::NeedMore => {}
                 }
             }
             match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
@@ -439,7 +416,7 @@ impl Stream for WebReplyStream {
                             this.lease.clean = true;
                             status
                         }
-                        (_, Err(e)) => frame_error_status(&e),
+                        (_, Err(e)) => grpc::frame_error_status(&e),
                         (None, Ok(())) => Status::new(
                             Code::Internal,
                             "upstream ended the HTTP/1.1 body without a trailer frame (no grpc-status)",

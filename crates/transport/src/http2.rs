@@ -17,26 +17,24 @@ use std::time::Duration;
 
 use futures_core::Stream;
 use futures_util::StreamExt;
-use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, StreamBody};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioTimer;
-use pnp_call::{
-    Call, Code, Message, Part, Reply, ReplyItem, ResponseHead, Status, FRAGMENT_THRESHOLD,
-};
-use pnp_wire::content_type::{self, Protocol};
-use pnp_wire::frame::{Frame as WireFrame, FrameBuf, FrameDecoder, FrameKind, Part as WirePart};
+use pnp_call::{Call, Code, Part, Reply, ReplyItem, Status, FRAGMENT_THRESHOLD};
+use pnp_wire::content_type::Protocol;
+use pnp_wire::frame::{FrameBuf, FrameDecoder, FrameKind};
 
 use hyper::client::conn::http2::SendRequest;
 
 use crate::api::{BoxFuture, Capabilities, Estimate, Kind, Meter, Transport};
 use crate::batch::{Batched, BatchedExecutor};
 use crate::connect::{connector, open, Alpn, Endpoint};
-use crate::{strip_response_headers, Blame, TransportError};
+use crate::grpc::{self, Decoded};
+use crate::{Blame, TransportError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The request body type sent upstream: frames written without copying their payloads.
@@ -186,32 +184,14 @@ impl Http2Transport {
     }
 
     fn request(&self, call: Call) -> Result<Request<EgressBody>, TransportError> {
-        let uri = Uri::builder()
-            .scheme(self.shared.base.scheme.clone())
-            .authority(self.shared.base.authority.clone())
-            .path_and_query(call.head.path.clone())
-            .build()
-            .map_err(|e| TransportError {
-                status: Box::new(Status::new(
-                    Code::Internal,
-                    format!("pnp: cannot build upstream URI: {e}"),
-                )),
-                blame: Blame::Proxy,
-                unprocessed: true,
-            })?;
-        let mut headers = call.head.metadata;
-        let content_type = match &call.head.subtype {
-            Some(sub) => HeaderValue::from_str(&format!("application/grpc+{sub}"))
-                .unwrap_or(HeaderValue::from_static("application/grpc")),
-            None => HeaderValue::from_static("application/grpc"),
-        };
-        headers.insert(header::CONTENT_TYPE, content_type);
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        if let Some(timeout) = call.head.timeout {
-            if let Ok(value) = HeaderValue::from_str(&pnp_wire::timeout::encode(timeout)) {
-                headers.insert("grpc-timeout", value);
-            }
-        }
+        let base = &self.shared.base;
+        let uri = grpc::request_uri(base.scheme.clone(), base.authority.clone(), &call.head)?;
+        let headers = grpc::request_headers(
+            call.head.metadata,
+            call.head.subtype.as_deref(),
+            call.head.timeout,
+            Protocol::Grpc,
+        );
         let frames = call.messages.map(|item| match item {
             Ok(part) => Ok(Frame::data(part_frame(part))),
             Err(status) => Err(BoxError::from(TransportError {
@@ -359,47 +339,14 @@ fn reply_from_response(
     in_flight: InFlight,
 ) -> Reply {
     let (parts, body) = response.into_parts();
-    if parts.status != StatusCode::OK {
-        // http-grpc-status-mapping.md: a non-200 reply is mapped from its HTTP status, whatever
-        // else it carries.
-        let code = Code::from_http_status(parts.status.as_u16());
-        return Reply::TrailersOnly(Status::new(
-            code,
-            format!(
-                "upstream answered HTTP {} ({}), not gRPC",
-                parts.status.as_u16(),
-                describe_content_type(&parts.headers)
-            ),
-        ));
-    }
-    let subtype = match parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(content_type::parse)
-    {
-        Some((Protocol::Grpc, subtype)) => subtype.map(str::to_owned),
-        _ => {
-            return Reply::TrailersOnly(Status::new(
-                Code::Unknown,
-                format!(
-                    "upstream answered HTTP 200 with {}, not gRPC",
-                    describe_content_type(&parts.headers)
-                ),
-            ))
+    let head = match grpc::grpc_answer(parts.status, parts.headers) {
+        grpc::Answer::Stream(head) => head,
+        grpc::Answer::TrailersOnly(status) | grpc::Answer::NotGrpc(status) => {
+            return Reply::TrailersOnly(status)
         }
     };
-    let mut metadata = parts.headers;
-    if let Some(mut status) = Status::from_headers(&metadata) {
-        // Trailers-Only: the status came in the headers and the body is empty. The other
-        // headers are the reply's metadata, minus what belongs to this hop.
-        strip_response_headers(&mut metadata);
-        status.metadata = metadata;
-        return Reply::TrailersOnly(status);
-    }
-    strip_response_headers(&mut metadata);
     Reply::Stream {
-        head: ResponseHead { metadata, subtype },
+        head,
         items: Box::pin(ReplyStream {
             body,
             decoder: FrameDecoder::new(FrameKind::Grpc, max_message_size)
@@ -416,16 +363,6 @@ pub fn part_frame(part: Part) -> FrameBuf {
         Part::Message(message) => FrameBuf::message(message.compressed, message.data),
         Part::Head { compressed, len } => FrameBuf::head(compressed, len),
         Part::Fragment { data, .. } => FrameBuf::raw(data),
-    }
-}
-
-fn describe_content_type(headers: &http::HeaderMap) -> String {
-    match headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(ct) => format!("content-type {}", ct.chars().take(64).collect::<String>()),
-        None => "no content-type".to_owned(),
     }
 }
 
@@ -453,25 +390,11 @@ impl Stream for ReplyStream {
             if this.done {
                 return Poll::Ready(None);
             }
-            match this.decoder.next_part() {
-                Ok(Some(WirePart::Frame(WireFrame::Message { compressed, data }))) => {
-                    return Poll::Ready(Some(ReplyItem::Message(Message { compressed, data })))
-                }
-                Ok(Some(WirePart::Head { compressed, len })) => {
-                    return Poll::Ready(Some(ReplyItem::Head { compressed, len }))
-                }
-                Ok(Some(WirePart::Fragment { data, last })) => {
-                    return Poll::Ready(Some(ReplyItem::Fragment { data, last }))
-                }
-                Ok(Some(WirePart::Frame(WireFrame::Trailers { .. }))) => {
-                    // FrameKind::Grpc never yields trailer frames; treat one as a protocol error.
-                    return this.finish(Status::new(
-                        Code::Internal,
-                        "upstream sent a gRPC-Web trailer frame on a gRPC stream",
-                    ));
-                }
-                Ok(None) => {}
-                Err(e) => return this.finish(frame_error_status(&e)),
+            match grpc::next_item(&mut this.decoder) {
+                Decoded::Item(item) => return Poll::Ready(Some(item)),
+                Decoded::Trailers(_) => return this.finish(grpc::trailer_frame_on_grpc()),
+                Decoded::Failed(status) => return this.finish(status),
+                Decoded::NeedMore => {}
             }
             let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
             match frame {
@@ -480,7 +403,7 @@ impl Stream for ReplyStream {
                     Err(frame) => {
                         let status = match frame.into_trailers() {
                             Ok(trailers) => match this.decoder.finish() {
-                                Err(e) => frame_error_status(&e),
+                                Err(e) => grpc::frame_error_status(&e),
                                 Ok(()) => Status::from_headers(&trailers).unwrap_or_else(|| {
                                     Status::new(
                                         Code::Internal,
@@ -499,7 +422,7 @@ impl Stream for ReplyStream {
                 }
                 None => {
                     let status = match this.decoder.finish() {
-                        Err(e) => frame_error_status(&e),
+                        Err(e) => grpc::frame_error_status(&e),
                         Ok(()) => Status::new(
                             Code::Internal,
                             "upstream ended the stream without trailers (no grpc-status)",
@@ -509,21 +432,5 @@ impl Stream for ReplyStream {
                 }
             }
         }
-    }
-}
-
-/// The status for a reply body that could not be decoded.
-pub(crate) fn frame_error_status(e: &pnp_wire::frame::FrameError) -> Status {
-    use pnp_wire::frame::FrameError;
-    match e {
-        FrameError::TooLarge { len, max } => Status::new(
-            Code::ResourceExhausted,
-            format!("upstream message of {len} bytes exceeds the limit of {max} bytes"),
-        ),
-        FrameError::Truncated { buffered } => Status::new(
-            Code::Internal,
-            format!("upstream stream ended inside a message ({buffered} bytes of it received)"),
-        ),
-        other => Status::new(Code::Internal, format!("malformed upstream frame: {other}")),
     }
 }

@@ -31,20 +31,17 @@ use bytes::Buf;
 use futures_core::Stream;
 use futures_util::StreamExt;
 use h3::error::{Code as H3Code, ConnectionError, StreamError};
-use http::header::{self, HeaderValue};
-use http::{Request, StatusCode, Uri};
-use pnp_call::{
-    BoxMessageStream, Call, Code, Message, Reply, ReplyItem, ResponseHead, Status,
-    FRAGMENT_THRESHOLD,
-};
-use pnp_wire::content_type::{self, Protocol};
-use pnp_wire::frame::{Frame as WireFrame, FrameBuf, FrameDecoder, FrameKind, Part as WirePart};
+use http::Request;
+use pnp_call::{BoxMessageStream, Call, Code, Reply, ReplyItem, Status, FRAGMENT_THRESHOLD};
+use pnp_wire::content_type::Protocol;
+use pnp_wire::frame::{FrameBuf, FrameDecoder, FrameKind};
 use quinn::VarInt;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{BoxFuture, Capabilities, Estimate, Kind, Meter, Transport};
+use crate::grpc::{self, Decoded};
 use crate::http2::part_frame;
-use crate::{strip_response_headers, Blame, TransportError};
+use crate::{Blame, TransportError};
 
 /// Bytes quinn may have in flight on the connection, unacknowledged: enough for bulk on a fast
 /// path (64 MiB carried 3.2 Gbit/s between two processes on loopback here).
@@ -369,32 +366,13 @@ impl Inner {
     }
 
     fn request(&self, call: &pnp_call::CallHead) -> Result<Request<()>, TransportError> {
-        let uri = Uri::builder()
-            .scheme(http::uri::Scheme::HTTPS)
-            .authority(self.authority.clone())
-            .path_and_query(call.path.clone())
-            .build()
-            .map_err(|e| TransportError {
-                status: Box::new(Status::new(
-                    Code::Internal,
-                    format!("pnp: cannot build upstream URI: {e}"),
-                )),
-                blame: Blame::Proxy,
-                unprocessed: true,
-            })?;
-        let mut headers = call.metadata.clone();
-        let content_type = match &call.subtype {
-            Some(sub) => HeaderValue::from_str(&format!("application/grpc+{sub}"))
-                .unwrap_or(HeaderValue::from_static("application/grpc")),
-            None => HeaderValue::from_static("application/grpc"),
-        };
-        headers.insert(header::CONTENT_TYPE, content_type);
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        if let Some(timeout) = call.timeout {
-            if let Ok(value) = HeaderValue::from_str(&pnp_wire::timeout::encode(timeout)) {
-                headers.insert("grpc-timeout", value);
-            }
-        }
+        let uri = grpc::request_uri(http::uri::Scheme::HTTPS, self.authority.clone(), call)?;
+        let headers = grpc::request_headers(
+            call.metadata.clone(),
+            call.subtype.as_deref(),
+            call.timeout,
+            Protocol::Grpc,
+        );
         let mut request = Request::new(());
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = uri;
@@ -688,45 +666,17 @@ impl Drop for RecvGuard {
 /// Turn the response head into a reply (PROTOCOL-HTTP2.md "Responses", unchanged over HTTP/3).
 fn reply_from_response(response: http::Response<()>, mut recv: RecvGuard, max: usize) -> Reply {
     let (parts, ()) = response.into_parts();
-    if parts.status != StatusCode::OK {
-        let code = Code::from_http_status(parts.status.as_u16());
-        return Reply::TrailersOnly(Status::new(
-            code,
-            format!(
-                "upstream answered HTTP {} ({}), not gRPC",
-                parts.status.as_u16(),
-                describe_content_type(&parts.headers)
-            ),
-        ));
-    }
-    let subtype = match parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(content_type::parse)
-    {
-        Some((Protocol::Grpc, subtype)) => subtype.map(str::to_owned),
-        _ => {
-            return Reply::TrailersOnly(Status::new(
-                Code::Unknown,
-                format!(
-                    "upstream answered HTTP 200 with {}, not gRPC",
-                    describe_content_type(&parts.headers)
-                ),
-            ))
+    let head = match grpc::grpc_answer(parts.status, parts.headers) {
+        grpc::Answer::Stream(head) => head,
+        grpc::Answer::TrailersOnly(status) => {
+            // Trailers-Only: the stream is over as far as this call goes.
+            recv.done = true;
+            return Reply::TrailersOnly(status);
         }
+        grpc::Answer::NotGrpc(status) => return Reply::TrailersOnly(status),
     };
-    let mut metadata = parts.headers;
-    if let Some(mut status) = Status::from_headers(&metadata) {
-        // Trailers-Only: the stream is over as far as this call goes.
-        recv.done = true;
-        strip_response_headers(&mut metadata);
-        status.metadata = metadata;
-        return Reply::TrailersOnly(status);
-    }
-    strip_response_headers(&mut metadata);
     Reply::Stream {
-        head: ResponseHead { metadata, subtype },
+        head,
         items: Box::pin(ReplyStream {
             recv,
             decoder: FrameDecoder::new(FrameKind::Grpc, max).with_fragments(FRAGMENT_THRESHOLD),
@@ -734,16 +684,6 @@ fn reply_from_response(response: http::Response<()>, mut recv: RecvGuard, max: u
             data_done: false,
             finished: false,
         }),
-    }
-}
-
-fn describe_content_type(headers: &http::HeaderMap) -> String {
-    match headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(ct) => format!("content-type {}", ct.chars().take(64).collect::<String>()),
-        None => "no content-type".to_owned(),
     }
 }
 
@@ -773,24 +713,11 @@ impl Stream for ReplyStream {
             if this.finished {
                 return Poll::Ready(None);
             }
-            match this.decoder.next_part() {
-                Ok(Some(WirePart::Frame(WireFrame::Message { compressed, data }))) => {
-                    return Poll::Ready(Some(ReplyItem::Message(Message { compressed, data })))
-                }
-                Ok(Some(WirePart::Head { compressed, len })) => {
-                    return Poll::Ready(Some(ReplyItem::Head { compressed, len }))
-                }
-                Ok(Some(WirePart::Fragment { data, last })) => {
-                    return Poll::Ready(Some(ReplyItem::Fragment { data, last }))
-                }
-                Ok(Some(WirePart::Frame(WireFrame::Trailers { .. }))) => {
-                    return this.finish(Status::new(
-                        Code::Internal,
-                        "upstream sent a gRPC-Web trailer frame on a gRPC stream",
-                    ));
-                }
-                Ok(None) => {}
-                Err(e) => return this.finish(frame_error_status(&e)),
+            match grpc::next_item(&mut this.decoder) {
+                Decoded::Item(item) => return Poll::Ready(Some(item)),
+                Decoded::Trailers(_) => return this.finish(grpc::trailer_frame_on_grpc()),
+                Decoded::Failed(status) => return this.finish(status),
+                Decoded::NeedMore => {}
             }
             if !this.data_done {
                 let held = &mut this.held;
@@ -811,7 +738,7 @@ impl Stream for ReplyStream {
             }
             let status = match ready!(this.recv.poll(|recv| recv.poll_recv_trailers(cx))) {
                 Ok(Some(trailers)) => match this.decoder.finish() {
-                    Err(e) => frame_error_status(&e),
+                    Err(e) => grpc::frame_error_status(&e),
                     Ok(()) => {
                         this.recv.done = true;
                         Status::from_headers(&trailers).unwrap_or_else(|| {
@@ -823,7 +750,7 @@ impl Stream for ReplyStream {
                     }
                 },
                 Ok(None) => match this.decoder.finish() {
-                    Err(e) => frame_error_status(&e),
+                    Err(e) => grpc::frame_error_status(&e),
                     Ok(()) => Status::new(
                         Code::Internal,
                         "upstream ended the stream without trailers (no grpc-status)",
@@ -833,21 +760,6 @@ impl Stream for ReplyStream {
             };
             return this.finish(status);
         }
-    }
-}
-
-fn frame_error_status(e: &pnp_wire::frame::FrameError) -> Status {
-    use pnp_wire::frame::FrameError;
-    match e {
-        FrameError::TooLarge { len, max } => Status::new(
-            Code::ResourceExhausted,
-            format!("upstream message of {len} bytes exceeds the limit of {max} bytes"),
-        ),
-        FrameError::Truncated { buffered } => Status::new(
-            Code::Internal,
-            format!("upstream stream ended inside a message ({buffered} bytes of it received)"),
-        ),
-        other => Status::new(Code::Internal, format!("malformed upstream frame: {other}")),
     }
 }
 

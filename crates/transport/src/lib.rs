@@ -15,6 +15,7 @@ mod api;
 pub mod batch;
 mod connect;
 mod error;
+mod grpc;
 pub mod http1;
 pub mod http2;
 pub mod http3;
