@@ -1,98 +1,28 @@
-//! Two pnp instances bridged over each TCP transport: clients → edge pnp → `h1://` (chunked
-//! HTTP/1.1, gRPC-Web) or `http://` (HTTP/2, gRPC) → cluster pnp → the interop upstream. The
-//! interop cases run through the bridge with tonic (native gRPC and gRPC-Web over HTTP/1.1 and
+//! Two pnp instances bridged over each transport: clients → edge pnp → `h1://` (chunked
+//! HTTP/1.1, gRPC-Web), `http://` (HTTP/2, gRPC) or `h3://` (HTTP/3 with a test CA) → cluster
+//! pnp → the interop upstream. The interop cases run through the bridge with tonic (native gRPC and gRPC-Web over HTTP/1.1 and
 //! HTTP/2) and the raw client (gRPC-Web text, binary, native); an upstream that dies mid-stream,
 //! a deadline and a client's cancel (seen by the upstream across both hops) end as a user
-//! expects, and `x-pnp-transport` names the hop. HTTP/3 has the same cases in `bridge_h3.rs`.
+//! expects, and `x-pnp-transport` names the hop. What only HTTP/3 has (a vanishing QUIC peer,
+//! an HTTP/3 client, `alt-svc`, drain) is in `bridge_h3.rs`.
 
-use std::net::SocketAddr;
+mod support;
+
 use std::time::{Duration, Instant};
 
 use futures_util::stream;
 
 use pnp_demo::pb::grpc_testing::{Empty, SimpleResponse, StreamingOutputCallResponse};
-use pnp_demo::DemoUpstream;
 use pnp_interop_tests::channels::{test_service, unimplemented_service};
 use pnp_interop_tests::faults::{Fault, FaultyUpstream};
 use pnp_interop_tests::interop::*;
-use pnp_interop_tests::stack::upstream_url;
-use pnp_interop_tests::{Mode, RawClient, Stack, TonicMode};
-use pnp_proxy::Proxy;
+use pnp_interop_tests::{Mode, RawClient, TonicMode};
+use support::bridge::{pair, BridgeStack, Hop};
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request};
 
 /// How long the upstream may take to notice a cancelled call.
 const CANCEL_OBSERVED_WITHIN: Duration = Duration::from_secs(2);
-
-/// The transport between the two instances.
-#[derive(Clone, Copy, Debug)]
-enum Hop {
-    /// Chunked HTTP/1.1 (gRPC-Web binary).
-    H1,
-    /// HTTP/2 cleartext (gRPC).
-    H2,
-}
-
-impl Hop {
-    /// The edge's upstream URL for a cluster listening on `addr`.
-    fn url(self, addr: SocketAddr) -> url::Url {
-        let scheme = match self {
-            Hop::H1 => "h1",
-            Hop::H2 => "http",
-        };
-        url::Url::parse(&format!("{scheme}://{addr}")).expect("bridge URL")
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Hop::H1 => "h1",
-            Hop::H2 => "h2",
-        }
-    }
-
-    /// The reply came over this hop.
-    fn assert_carried(self, headers: &http::HeaderMap) {
-        assert_eq!(
-            headers.get("x-pnp-transport").map(|v| v.as_bytes()),
-            Some(self.name().as_bytes()),
-            "x-pnp-transport in {headers:?}"
-        );
-    }
-}
-
-/// Client → edge → hop → cluster → the demo upstream.
-struct Bridge {
-    upstream: DemoUpstream,
-    cluster: Proxy,
-    edge: Proxy,
-}
-
-impl Bridge {
-    async fn start(hop: Hop) -> Bridge {
-        let upstream = DemoUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .expect("demo upstream");
-        let cluster = Stack::proxy_for(upstream_url(upstream.local_addr()), |_| {}).await;
-        let edge = Stack::proxy_for(hop.url(cluster.local_addr()), |_| {}).await;
-        Bridge {
-            upstream,
-            cluster,
-            edge,
-        }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.edge.local_addr()
-    }
-
-    async fn shutdown(self) {
-        self.edge.shutdown_with_grace(Duration::from_secs(1)).await;
-        self.cluster
-            .shutdown_with_grace(Duration::from_secs(1))
-            .await;
-        self.upstream.shutdown().await;
-    }
-}
 
 macro_rules! per_hop {
     ($($hop:ident => $name:ident),* $(,)?) => {$(
@@ -127,7 +57,7 @@ macro_rules! per_hop {
     )*};
 }
 
-per_hop!(H1 => h1, H2 => h2);
+per_hop!(H1 => h1, H2 => h2, H3 => h3);
 
 mod cases {
     use super::*;
@@ -136,7 +66,7 @@ mod cases {
     const RAW_MODES: [Mode; 3] = [Mode::WebTextH1, Mode::WebBinaryH2, Mode::GrpcH2];
 
     pub(super) async fn interop_cases(hop: Hop) {
-        let bridge = Bridge::start(hop).await;
+        let bridge = BridgeStack::start(hop).await;
         for mode in TONIC_MODES {
             let mut client = test_service(bridge.addr(), mode).await;
             let empty = client
@@ -210,12 +140,12 @@ mod cases {
             );
         }
         // Every call crossed the bridge to the upstream: 3 per tonic mode, 2 per raw mode.
-        assert_eq!(bridge.upstream.stats().calls_started(), 3 * 3 + 2 * 3);
+        assert_eq!(bridge.stats().calls_started(), 3 * 3 + 2 * 3);
         bridge.shutdown().await;
     }
 
     pub(super) async fn metadata_statuses_and_unimplemented(hop: Hop) {
-        let bridge = Bridge::start(hop).await;
+        let bridge = BridgeStack::start(hop).await;
         for mode in TONIC_MODES {
             let mut client = test_service(bridge.addr(), mode).await;
             let mut request = Request::new(large_unary_request());
@@ -289,7 +219,7 @@ mod cases {
     }
 
     pub(super) async fn deadline(hop: Hop) {
-        let bridge = Bridge::start(hop).await;
+        let bridge = BridgeStack::start(hop).await;
         for mode in RAW_MODES {
             let client = RawClient::new(bridge.addr(), mode);
             for path in [FULL_DUPLEX_CALL, STREAMING_OUTPUT_CALL] {
@@ -319,8 +249,8 @@ mod cases {
     }
 
     pub(super) async fn cancel(hop: Hop) {
-        let bridge = Bridge::start(hop).await;
-        let stats = bridge.upstream.stats();
+        let bridge = BridgeStack::start(hop).await;
+        let stats = bridge.stats();
         let mut cancelled = 0;
         // Native gRPC with the request stream still open, and gRPC-Web (the request is complete:
         // only the response side is stopped at the cluster).
@@ -404,8 +334,7 @@ mod cases {
             let upstream = FaultyUpstream::start(fault.clone())
                 .await
                 .expect("upstream");
-            let cluster = Stack::proxy_for(upstream.url(), |_| {}).await;
-            let edge = Stack::proxy_for(hop.url(cluster.local_addr()), |_| {}).await;
+            let (cluster, edge, _certs) = pair(hop, upstream.url(), |_| {}).await;
             for mode in RAW_MODES {
                 let client = RawClient::new(edge.local_addr(), mode);
                 let stream = client

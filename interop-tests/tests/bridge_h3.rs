@@ -1,11 +1,10 @@
-//! Two pnp instances bridged over HTTP/3: clients → edge pnp (TCP) → `h3://` → cluster pnp
+//! What only an HTTP/3 bridge has (clients → edge pnp (TCP) → `h3://` → cluster pnp
 //! (`--listen-h3`, certificates from a CA made here, as `pnp certs dev` makes them) → the
-//! interop upstream. The interop cases run through the bridge with tonic (native gRPC and
-//! gRPC-Web over HTTP/1.1 and HTTP/2) and the raw client (gRPC-Web text, binary, native); an
-//! upstream that dies mid-stream, a deadline, a client's cancel (seen by the upstream across
-//! both hops) and a QUIC peer that vanishes (its UDP dropped) all end as a user expects. An
-//! HTTP/3 client (h3 + quinn) talks gRPC-Web and gRPC to the cluster's HTTP/3 listener
-//! directly, and the TCP listener advertises it with `alt-svc`.
+//! interop upstream): a QUIC peer that vanishes (its UDP dropped) ends calls UNAVAILABLE within
+//! the keepalive bound; an HTTP/3 client (h3 + quinn) talks gRPC-Web and gRPC to the cluster's
+//! HTTP/3 listener directly; the TCP listener advertises it with `alt-svc`; a draining cluster
+//! ends its calls with the shutdown status. The interop cases, deadline, cancel and upstream
+//! death over h3 run in `bridge.rs` with h1 and h2.
 
 mod support;
 
@@ -15,393 +14,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use futures_util::stream;
 
-use pnp_demo::pb::grpc_testing::{Empty, SimpleResponse, StreamingOutputCallResponse};
+use pnp_demo::pb::grpc_testing::{Empty, StreamingOutputCallResponse};
 use pnp_demo::DemoUpstream;
-use pnp_interop_tests::channels::{test_service, unimplemented_service};
-use pnp_interop_tests::faults::{Fault, FaultyUpstream};
 use pnp_interop_tests::interop::*;
 use pnp_interop_tests::stack::upstream_url;
-use pnp_interop_tests::{Mode, RawClient, TonicMode};
-use pnp_proxy::Proxy;
-use support::h3::{cluster, dev_certs, edge, loopback, Certs};
+use pnp_interop_tests::{Mode, RawClient};
+use support::bridge::{pair, Hop};
+use support::h3::{cluster, dev_certs, edge, loopback};
 use tokio::net::UdpSocket;
-use tonic::metadata::MetadataValue;
-use tonic::{Code, Request};
-
-/// How long the upstream may take to notice a cancelled call.
-const CANCEL_OBSERVED_WITHIN: Duration = Duration::from_secs(2);
-
-/// Client → edge → h3 → cluster → the demo upstream.
-struct Bridge {
-    upstream: DemoUpstream,
-    cluster: Proxy,
-    edge: Proxy,
-    _certs: Certs,
-}
-
-impl Bridge {
-    async fn start() -> Bridge {
-        let upstream = DemoUpstream::start(loopback())
-            .await
-            .expect("demo upstream");
-        let certs = dev_certs();
-        let cluster = cluster(upstream_url(upstream.local_addr()), &certs, |_| {}).await;
-        let h3 = cluster.local_h3_addr().expect("an HTTP/3 listener");
-        let edge = edge(h3.port(), &certs, |_| {}).await;
-        Bridge {
-            upstream,
-            cluster,
-            edge,
-            _certs: certs,
-        }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.edge.local_addr()
-    }
-
-    async fn shutdown(self) {
-        self.edge.shutdown_with_grace(Duration::from_secs(1)).await;
-        self.cluster
-            .shutdown_with_grace(Duration::from_secs(1))
-            .await;
-        self.upstream.shutdown().await;
-    }
-}
-
-/// The reply came over the edge's HTTP/3 egress.
-fn assert_via_h3(headers: &http::HeaderMap) {
-    assert_eq!(
-        headers.get("x-pnp-transport").map(|v| v.as_bytes()),
-        Some(&b"h3"[..]),
-        "x-pnp-transport in {headers:?}"
-    );
-}
-
-const TONIC_MODES: [TonicMode; 3] = [TonicMode::Native, TonicMode::WebH1, TonicMode::WebH2];
-const RAW_MODES: [Mode; 3] = [Mode::WebTextH1, Mode::WebBinaryH2, Mode::GrpcH2];
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn interop_unary_and_streaming_cases_cross_the_h3_bridge() {
-    let bridge = Bridge::start().await;
-    for mode in TONIC_MODES {
-        let mut client = test_service(bridge.addr(), mode).await;
-        let empty = client
-            .empty_call(Empty {})
-            .await
-            .unwrap_or_else(|s| panic!("{mode}: EmptyCall failed: {s:?}"));
-        assert_eq!(empty.get_ref(), &Empty {});
-        assert_via_h3(&empty.metadata().clone().into_headers());
-
-        let large = client
-            .unary_call(large_unary_request())
-            .await
-            .unwrap_or_else(|s| panic!("{mode}: UnaryCall failed: {s:?}"));
-        assert_eq!(
-            zero_payload_len(large.get_ref().payload.as_ref()),
-            LARGE_RESPONSE_SIZE as usize,
-            "{mode}"
-        );
-
-        let mut inbound = client
-            .streaming_output_call(server_streaming_request())
-            .await
-            .unwrap_or_else(|s| panic!("{mode}: StreamingOutputCall failed: {s:?}"))
-            .into_inner();
-        let mut sizes = Vec::new();
-        while let Some(message) = inbound
-            .message()
-            .await
-            .unwrap_or_else(|s| panic!("{mode}: stream failed: {s:?}"))
-        {
-            sizes.push(zero_payload_len(message.payload.as_ref()));
-        }
-        assert_eq!(
-            sizes,
-            STREAMING_RESPONSE_SIZES.map(|s| s as usize),
-            "{mode}"
-        );
-    }
-    for mode in RAW_MODES {
-        let client = RawClient::new(bridge.addr(), mode);
-        let reply = client
-            .call(UNARY_CALL, &[], &[&encode(&large_unary_request())])
-            .await;
-        reply.assert_ok();
-        assert_via_h3(&reply.headers);
-        assert_eq!(reply.messages.len(), 1, "{mode:?}");
-        let response: SimpleResponse = decode(&reply.messages[0]);
-        assert_eq!(
-            zero_payload_len(response.payload.as_ref()),
-            LARGE_RESPONSE_SIZE as usize
-        );
-        let reply = client
-            .call(
-                STREAMING_OUTPUT_CALL,
-                &[],
-                &[&encode(&server_streaming_request())],
-            )
-            .await;
-        reply.assert_ok();
-        let sizes: Vec<usize> = reply
-            .messages
-            .iter()
-            .map(|m| zero_payload_len(decode::<StreamingOutputCallResponse>(m).payload.as_ref()))
-            .collect();
-        assert_eq!(
-            sizes,
-            STREAMING_RESPONSE_SIZES.map(|s| s as usize),
-            "{mode:?}"
-        );
-    }
-    // Every call crossed the bridge to the upstream: 3 per tonic mode, 2 per raw mode.
-    assert_eq!(bridge.upstream.stats().calls_started(), 3 * 3 + 2 * 3);
-    bridge.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metadata_statuses_and_unimplemented_cross_the_h3_bridge() {
-    let bridge = Bridge::start().await;
-    for mode in TONIC_MODES {
-        let mut client = test_service(bridge.addr(), mode).await;
-        let mut request = Request::new(large_unary_request());
-        request
-            .metadata_mut()
-            .insert(ECHO_INITIAL, MetadataValue::from_static(ECHO_INITIAL_VALUE));
-        request.metadata_mut().insert_bin(
-            ECHO_TRAILING,
-            MetadataValue::from_bytes(&ECHO_TRAILING_VALUE),
-        );
-        let unary = client
-            .unary_call(request)
-            .await
-            .unwrap_or_else(|s| panic!("{mode}: UnaryCall failed: {s:?}"));
-        assert_eq!(
-            unary.metadata().get(ECHO_INITIAL).map(|v| v.as_bytes()),
-            Some(ECHO_INITIAL_VALUE.as_bytes()),
-            "{mode}: initial metadata {:?}",
-            unary.metadata()
-        );
-        let trailing = unary
-            .metadata()
-            .get_bin(ECHO_TRAILING)
-            .and_then(|v| v.to_bytes().ok())
-            .map(|b| b.to_vec());
-        assert_eq!(trailing, Some(ECHO_TRAILING_VALUE.to_vec()), "{mode}");
-
-        for message in [STATUS_MESSAGE, SPECIAL_STATUS_MESSAGE] {
-            let status = client
-                .unary_call(status_request(STATUS_CODE, message))
-                .await
-                .expect_err("UnaryCall should fail");
-            assert_eq!(
-                (status.code(), status.message()),
-                (Code::Unknown, message),
-                "{mode}"
-            );
-        }
-        let status = client
-            .unimplemented_call(Empty {})
-            .await
-            .expect_err("UnimplementedCall should fail");
-        assert_eq!(status.code(), Code::Unimplemented, "{mode}: {status:?}");
-        let status = unimplemented_service(bridge.addr(), mode)
-            .await
-            .unimplemented_call(Empty {})
-            .await
-            .expect_err("UnimplementedService should fail");
-        assert_eq!(status.code(), Code::Unimplemented, "{mode}: {status:?}");
-    }
-    for mode in RAW_MODES {
-        let client = RawClient::new(bridge.addr(), mode);
-        let reply = client
-            .call(
-                FULL_DUPLEX_CALL,
-                &[],
-                &[&encode(&streaming_status_request(
-                    STATUS_CODE,
-                    STATUS_MESSAGE,
-                ))],
-            )
-            .await;
-        assert_eq!(
-            (reply.grpc_status(), reply.grpc_message().as_str()),
-            (Some(STATUS_CODE), STATUS_MESSAGE),
-            "{mode:?}: trailers {:?}",
-            reply.trailers
-        );
-    }
-    bridge.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deadline_is_deadline_exceeded_across_the_h3_bridge() {
-    let bridge = Bridge::start().await;
-    for mode in RAW_MODES {
-        let client = RawClient::new(bridge.addr(), mode);
-        for path in [FULL_DUPLEX_CALL, STREAMING_OUTPUT_CALL] {
-            let started = Instant::now();
-            let reply = client
-                .call(
-                    path,
-                    &[("grpc-timeout", "200m")],
-                    &[&encode(&sleeping_request())],
-                )
-                .await;
-            assert_eq!(
-                reply.grpc_status(),
-                Some(code::DEADLINE_EXCEEDED),
-                "{mode:?} {path}: {:?}",
-                reply.grpc_message()
-            );
-            assert!(reply.messages.is_empty());
-            assert!(
-                started.elapsed() < Duration::from_millis(900),
-                "{mode:?} {path}: answered after {:?}",
-                started.elapsed()
-            );
-        }
-    }
-    bridge.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_cancel_reaches_the_upstream_across_both_hops() {
-    let bridge = Bridge::start().await;
-    let stats = bridge.upstream.stats();
-    let mut cancelled = 0;
-    // Native gRPC with the request stream still open, and gRPC-Web (the request is complete:
-    // only the response side is stopped at the cluster).
-    for mode in TONIC_MODES {
-        let mut client = test_service(bridge.addr(), mode).await;
-        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
-        sender
-            .send(ping_then_sleep_request())
-            .unwrap_or_else(|_| panic!("receiver alive"));
-        let keep_open = if mode.is_web() {
-            drop(sender);
-            None
-        } else {
-            Some(sender)
-        };
-        let requests = stream::unfold(
-            receiver,
-            |mut r| async move { r.recv().await.map(|m| (m, r)) },
-        );
-        let response = client
-            .full_duplex_call(requests)
-            .await
-            .unwrap_or_else(|s| panic!("{mode}: FullDuplexCall failed: {s:?}"));
-        assert_via_h3(&response.metadata().clone().into_headers());
-        let mut inbound = response.into_inner();
-        let first = inbound
-            .message()
-            .await
-            .unwrap_or_else(|s| panic!("{mode}: first response: {s:?}"))
-            .expect("the first response before the cancel");
-        assert_eq!(
-            zero_payload_len(first.payload.as_ref()),
-            PING_RESPONSE_SIZE as usize
-        );
-        assert_eq!(stats.calls_cancelled(), cancelled, "{mode}");
-        drop(inbound);
-        drop(keep_open);
-        drop(client);
-        cancelled += 1;
-        assert!(
-            stats
-                .wait_cancelled(cancelled, CANCEL_OBSERVED_WITHIN)
-                .await,
-            "{mode}: the upstream did not see the cancel: {stats:?}"
-        );
-    }
-    for mode in RAW_MODES {
-        let client = RawClient::new(bridge.addr(), mode);
-        let mut stream = client
-            .start(
-                FULL_DUPLEX_CALL,
-                &[],
-                &[&encode(&ping_then_sleep_request())],
-            )
-            .await;
-        assert_eq!(stream.http_status(), 200);
-        stream
-            .next_message()
-            .await
-            .expect("the first response before the cancel");
-        stream.abort();
-        cancelled += 1;
-        assert!(
-            stats
-                .wait_cancelled(cancelled, CANCEL_OBSERVED_WITHIN)
-                .await,
-            "{mode:?}: the upstream did not see the cancel: {stats:?}"
-        );
-    }
-    assert_eq!(stats.active_streams(), 0, "streams left running upstream");
-    bridge.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_that_dies_mid_stream_is_an_error_at_the_client_never_ok() {
-    let certs = dev_certs();
-    for fault in [
-        Fault::HalfFrameThenClose,
-        Fault::NoTrailers,
-        Fault::ResetAfterMessage(h2::Reason::INTERNAL_ERROR),
-    ] {
-        let upstream = FaultyUpstream::start(fault.clone())
-            .await
-            .expect("upstream");
-        let cluster = cluster(upstream.url(), &certs, |_| {}).await;
-        let edge = edge(cluster.local_h3_addr().expect("h3").port(), &certs, |_| {}).await;
-        for mode in RAW_MODES {
-            let client = RawClient::new(edge.local_addr(), mode);
-            let stream = client
-                .start(
-                    STREAMING_OUTPUT_CALL,
-                    &[],
-                    &[&encode(&server_streaming_request())],
-                )
-                .await;
-            let outcome = stream.finish().await;
-            match outcome {
-                Ok((status, message)) => assert_ne!(
-                    status,
-                    code::OK,
-                    "{fault:?} {mode:?}: a broken upstream stream ended OK ({message})"
-                ),
-                // A stream cut inside a message: reset, which is an error too.
-                Err(e) => eprintln!("{fault:?} {mode:?}: stream cut ({e})"),
-            }
-        }
-        // tonic sees an error status too.
-        let mut client = test_service(edge.local_addr(), TonicMode::Native).await;
-        let outcome = client
-            .streaming_output_call(server_streaming_request())
-            .await;
-        let status = match outcome {
-            Err(status) => status,
-            Ok(response) => {
-                let mut inbound = response.into_inner();
-                loop {
-                    match inbound.message().await {
-                        Ok(Some(_)) => {}
-                        Ok(None) => panic!("{fault:?}: the stream ended OK"),
-                        Err(status) => break status,
-                    }
-                }
-            }
-        };
-        assert_ne!(status.code(), Code::Ok, "{fault:?}");
-        edge.shutdown_with_grace(Duration::from_millis(100)).await;
-        cluster
-            .shutdown_with_grace(Duration::from_millis(100))
-            .await;
-    }
-}
 
 /// A UDP relay between the edge and the cluster that can start dropping every datagram, as a
 /// peer that vanished (power loss, a partition) would: no CONNECTION_CLOSE, only silence.
@@ -496,7 +117,7 @@ async fn a_quic_peer_that_vanishes_mid_stream_is_unavailable_within_the_keepaliv
                 &[&encode(&ping_then_sleep_request())],
             )
             .await;
-        assert_via_h3(stream.headers());
+        Hop::H3.assert_carried(stream.headers());
         stream
             .next_message()
             .await
@@ -732,12 +353,10 @@ fn encode_frames_web(message: &[u8]) -> Bytes {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_cluster_ends_calls_over_h3_with_the_shutdown_status_after_its_grace() {
-    let Bridge {
-        upstream,
-        cluster,
-        edge,
-        _certs,
-    } = Bridge::start().await;
+    let upstream = DemoUpstream::start(loopback())
+        .await
+        .expect("demo upstream");
+    let (cluster, edge, _certs) = pair(Hop::H3, upstream_url(upstream.local_addr()), |_| {}).await;
     let client = RawClient::new(edge.local_addr(), Mode::GrpcH2);
     let mut stream = client
         .start(

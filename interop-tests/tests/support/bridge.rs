@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use pnp_config::Config;
 use pnp_demo::{DemoStats, DemoUpstream};
 use pnp_interop_tests::stack::upstream_url;
 use pnp_interop_tests::Stack;
@@ -27,12 +28,48 @@ impl Hop {
     /// Every hop.
     pub const ALL: [Hop; 3] = [Hop::H1, Hop::H2, Hop::H3];
 
+    /// The reply came over this hop: `x-pnp-transport` names it.
+    pub fn assert_carried(self, headers: &http::HeaderMap) {
+        assert_eq!(
+            headers.get("x-pnp-transport").map(|v| v.as_bytes()),
+            Some(self.name().as_bytes()),
+            "x-pnp-transport in {headers:?}"
+        );
+    }
+
     /// The name in `x-pnp-transport`.
     pub fn name(self) -> &'static str {
         match self {
             Hop::H1 => "h1",
             Hop::H2 => "h2",
             Hop::H3 => "h3",
+        }
+    }
+}
+
+/// A cluster pnp in front of `upstream` and an edge pnp whose upstream is the cluster, over
+/// `hop` (HTTP/3 with a test CA, kept alive by the returned certificates); `configure` applies
+/// to both.
+pub async fn pair(
+    hop: Hop,
+    upstream: url::Url,
+    configure: impl Fn(&mut Config) + Clone,
+) -> (Proxy, Proxy, Option<Certs>) {
+    match hop {
+        Hop::H3 => {
+            let certs = dev_certs();
+            let cluster = cluster(upstream, &certs, configure.clone()).await;
+            let port = cluster.local_h3_addr().expect("an HTTP/3 listener").port();
+            let edge = edge(port, &certs, configure).await;
+            (cluster, edge, Some(certs))
+        }
+        Hop::H1 | Hop::H2 => {
+            let cluster = Stack::proxy_for(upstream, configure.clone()).await;
+            let scheme = if hop == Hop::H1 { "h1" } else { "http" };
+            let url = url::Url::parse(&format!("{scheme}://{}", cluster.local_addr()))
+                .expect("bridge URL");
+            let edge = Stack::proxy_for(url, configure).await;
+            (cluster, edge, None)
         }
     }
 }
@@ -52,24 +89,7 @@ impl BridgeStack {
         let upstream = DemoUpstream::start(loopback())
             .await
             .expect("demo upstream");
-        let target = upstream_url(upstream.local_addr());
-        let (cluster, edge, certs) = match hop {
-            Hop::H3 => {
-                let certs = dev_certs();
-                let cluster = cluster(target, &certs, |_| {}).await;
-                let port = cluster.local_h3_addr().expect("an HTTP/3 listener").port();
-                let edge = edge(port, &certs, |_| {}).await;
-                (cluster, edge, Some(certs))
-            }
-            Hop::H1 | Hop::H2 => {
-                let cluster = Stack::proxy_for(target, |_| {}).await;
-                let scheme = if hop == Hop::H1 { "h1" } else { "http" };
-                let url = url::Url::parse(&format!("{scheme}://{}", cluster.local_addr()))
-                    .expect("bridge URL");
-                let edge = Stack::proxy_for(url, |_| {}).await;
-                (cluster, edge, None)
-            }
-        };
+        let (cluster, edge, certs) = pair(hop, upstream_url(upstream.local_addr()), |_| {}).await;
         BridgeStack {
             upstream,
             cluster,

@@ -10,11 +10,9 @@ use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{HeaderMap, Request, Response};
 use pnp_interop_tests::stack::upstream_url;
-use pnp_interop_tests::Stack;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::bridge::Hop;
-use super::h3::{cluster, dev_certs, edge};
+use super::bridge::{pair, Hop};
 
 pub const GIB: u64 = 1 << 30;
 /// The blocks a bulk message is made of.
@@ -309,7 +307,6 @@ pub async fn one_gib_each_way(hop: Hop) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let upstream = listener.local_addr().expect("addr");
     tokio::spawn(serve_bulk(listener));
-    let certs = dev_certs();
     // A bulk upload has no response message until it is all there, and one message in flight
     // for longer than the idle gap (the stream clocks count messages, not fragments): no
     // first-message or idle clock, as a checkpoint profile would have.
@@ -322,20 +319,7 @@ pub async fn one_gib_each_way(hop: Hop) {
         profile.idle_timeout_explicit = true;
         c.resilience.keepalive_timeout = Duration::from_secs(120);
     };
-    let (cluster, edge) = match hop {
-        Hop::H3 => {
-            let cluster = cluster(upstream_url(upstream), &certs, limit).await;
-            let edge = edge(cluster.local_h3_addr().expect("h3").port(), &certs, limit).await;
-            (cluster, edge)
-        }
-        Hop::H1 | Hop::H2 => {
-            let cluster = Stack::proxy_for(upstream_url(upstream), limit).await;
-            let scheme = if hop == Hop::H1 { "h1" } else { "http" };
-            let url = url::Url::parse(&format!("{scheme}://{}", cluster.local_addr()))
-                .expect("bridge URL");
-            (cluster, Stack::proxy_for(url, limit).await)
-        }
-    };
+    let (cluster, edge, _certs) = pair(hop, upstream_url(upstream), limit).await;
     let addr = edge.local_addr();
     let want = expected(GIB);
     let before = peak_rss();
