@@ -9,7 +9,7 @@
 
 mod support;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use pnp_interop_tests::Stack;
 use support::bulk::*;
 use tokio::net::TcpListener;
@@ -33,11 +33,7 @@ async fn one_gib_each_way_with_memory_bounded_and_a_death_inside_a_message_is_an
         let (response, mut request) = send
             .send_request(head(addr, "/bulk/Download", web), false)
             .expect("request");
-        let mut size = BytesMut::new();
-        size.put_u8(0);
-        size.put_u32(8);
-        size.put_u64(GIB);
-        request.send_data(size.freeze(), true).expect("size");
+        request.send_data(size_request(GIB), true).expect("size");
         let response = response.await.expect("response headers");
         assert_eq!(response.status(), 200);
         let mut body = response.into_body();
@@ -67,24 +63,15 @@ async fn one_gib_each_way_with_memory_bounded_and_a_death_inside_a_message_is_an
         });
         let response = response.await.expect("response headers");
         let mut body = response.into_body();
-        let mut answer = BytesMut::new();
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk.expect("data");
-            let _ = body.flow_control().release_capacity(chunk.len());
-            answer.extend_from_slice(&chunk);
-        }
+        let answer = read_all(&mut body).await;
         upload.await.expect("upload task");
         let trailers = body.trailers().await.expect("trailers");
         assert!(answer.len() >= 21, "web={web}: no answer message");
-        let got = (
-            u64::from_be_bytes(answer[5..13].try_into().expect("8")),
-            u64::from_be_bytes(answer[13..21].try_into().expect("8")),
-        );
+        let (got, block) = upload_answer(answer);
         assert_eq!(
             got, want,
             "web={web}: the uploaded message differs upstream"
         );
-        let block = (answer.len() > 26 && answer[21] == 0x80).then(|| answer.freeze().slice(26..));
         assert_eq!(
             status_of(trailers, block).as_deref(),
             Some("0"),
@@ -109,11 +96,9 @@ async fn one_gib_each_way_with_memory_bounded_and_a_death_inside_a_message_is_an
         let (response, mut request) = send
             .send_request(head(addr, "/bulk/DownloadThenDie", web), false)
             .expect("request");
-        let mut size = BytesMut::new();
-        size.put_u8(0);
-        size.put_u32(8);
-        size.put_u64(64 << 20);
-        request.send_data(size.freeze(), true).expect("size");
+        request
+            .send_data(size_request(64 << 20), true)
+            .expect("size");
         let mut body = response.await.expect("headers").into_body();
         let outcome = receive_bulk(&mut body).await;
         let status = match outcome {

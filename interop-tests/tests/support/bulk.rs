@@ -299,6 +299,38 @@ pub fn peak_rss() -> u64 {
         .expect("VmHWM")
 }
 
+/// The request message of `/bulk/Download` and `/bulk/DownloadThenDie`: the size to send, as
+/// one framed message of 8 bytes.
+pub fn size_request(size: u64) -> Bytes {
+    let mut frame = BytesMut::with_capacity(13);
+    frame.put_u8(0);
+    frame.put_u32(8);
+    frame.put_u64(size);
+    frame.freeze()
+}
+
+/// Everything left of a response body, its flow-control capacity given back as it comes.
+pub async fn read_all(body: &mut RecvStream) -> BytesMut {
+    let mut all = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("data");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        all.extend_from_slice(&chunk);
+    }
+    all
+}
+
+/// The `/bulk/Upload` answer: the (length, hash) the upstream computed (a 16-byte message),
+/// and the gRPC-Web trailer frame's block after it, if the answer has one.
+pub fn upload_answer(answer: BytesMut) -> ((u64, u64), Option<Bytes>) {
+    let got = (
+        u64::from_be_bytes(answer[5..13].try_into().expect("8")),
+        u64::from_be_bytes(answer[13..21].try_into().expect("8")),
+    );
+    let block = (answer.len() > 26 && answer[21] == 0x80).then(|| answer.freeze().slice(26..));
+    (got, block)
+}
+
 /// 1 GiB each way across a bridge over `hop` (client → edge pnp → hop → cluster pnp → bulk
 /// upstream), checksums compared end to end, the process's peak RSS growth bounded. The
 /// download goes as native gRPC, the upload as gRPC-Web. Peak RSS is the process's: call it
@@ -330,11 +362,7 @@ pub async fn one_gib_each_way(hop: Hop) {
     let (response, mut request) = send
         .send_request(head(addr, "/bulk/Download", false), false)
         .expect("request");
-    let mut size = BytesMut::new();
-    size.put_u8(0);
-    size.put_u32(8);
-    size.put_u64(GIB);
-    request.send_data(size.freeze(), true).expect("size");
+    request.send_data(size_request(GIB), true).expect("size");
     let response = response.await.expect("response headers");
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-pnp-transport"], hop.name());
@@ -364,25 +392,16 @@ pub async fn one_gib_each_way(hop: Hop) {
     let response = response.await.expect("response headers");
     let headers = response.headers().clone();
     let mut body = response.into_body();
-    let mut answer = BytesMut::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.expect("data");
-        let _ = body.flow_control().release_capacity(chunk.len());
-        answer.extend_from_slice(&chunk);
-    }
+    let answer = read_all(&mut body).await;
     assert!(
         answer.len() >= 21,
         "no answer message after {:?}: headers {headers:?}, body {:?}",
         started.elapsed(),
         String::from_utf8_lossy(&answer)
     );
-    let got = (
-        u64::from_be_bytes(answer[5..13].try_into().expect("8")),
-        u64::from_be_bytes(answer[13..21].try_into().expect("8")),
-    );
+    let (got, block) = upload_answer(answer);
     assert_eq!(got, want, "the uploaded message differs upstream");
     upload.await.expect("upload task");
-    let block = (answer.len() > 26 && answer[21] == 0x80).then(|| answer.freeze().slice(26..));
     assert_eq!(status_of(None, block).as_deref(), Some("0"));
     let upload_time = started.elapsed();
 
