@@ -217,23 +217,13 @@ async fn connection<S: CallService>(incoming: quinn::Incoming, shared: Arc<Share
     let accepted = Instant::now();
     let settings = &shared.settings;
     let peer = incoming.remote_address();
-    let slot = match shared.slots.clone().try_acquire_owned() {
-        Ok(slot) => slot,
-        Err(_) => {
-            let wait = tokio::time::timeout(
-                settings.connection_wait,
-                shared.slots.clone().acquire_owned(),
-            );
-            match wait.await {
-                Ok(Ok(slot)) => slot,
-                _ => {
-                    tracing::debug!(%peer, limit = settings.max_connections, "connection limit reached; refusing a QUIC connection");
-                    shared.metrics.connection_refused("limit");
-                    incoming.refuse();
-                    return;
-                }
-            }
-        }
+    let Some(slot) =
+        crate::listener::connection_slot(&shared.slots, settings.connection_wait).await
+    else {
+        tracing::debug!(%peer, limit = settings.max_connections, "connection limit reached; refusing a QUIC connection");
+        shared.metrics.connection_refused("limit");
+        incoming.refuse();
+        return;
     };
     let handshake_deadline = accepted + settings.handshake_timeout;
     let connecting = match incoming.accept() {

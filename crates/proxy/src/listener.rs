@@ -25,7 +25,7 @@ use pnp_policy::header_timeout::{HeaderTimeout, HeaderTimeoutConfig, LoadMeter};
 use pnp_telemetry::Metrics;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -297,26 +297,29 @@ pub(crate) async fn serve<S: CallService>(
     }
 }
 
+/// A place under the connection limit: at once if there is one, else the first to free up
+/// within `wait`; `None` when the limit holds for all of `wait`.
+pub(crate) async fn connection_slot(
+    slots: &Arc<Semaphore>,
+    wait: Duration,
+) -> Option<OwnedSemaphorePermit> {
+    if let Ok(slot) = slots.clone().try_acquire_owned() {
+        return Some(slot);
+    }
+    match tokio::time::timeout(wait, slots.clone().acquire_owned()).await {
+        Ok(Ok(slot)) => Some(slot),
+        _ => None,
+    }
+}
+
 /// One client connection, from accept to close.
 async fn connection<S: CallService>(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared<S>>) {
     let accepted = Instant::now();
     let settings = &shared.settings;
-    let slot = match shared.slots.clone().try_acquire_owned() {
-        Ok(slot) => slot,
-        Err(_) => {
-            let wait = tokio::time::timeout(
-                settings.connection_wait,
-                shared.slots.clone().acquire_owned(),
-            );
-            match wait.await {
-                Ok(Ok(slot)) => slot,
-                _ => {
-                    tracing::debug!(%peer, limit = settings.max_connections, "connection limit reached; closing");
-                    shared.metrics.connection_refused("limit");
-                    return;
-                }
-            }
-        }
+    let Some(slot) = connection_slot(&shared.slots, settings.connection_wait).await else {
+        tracing::debug!(%peer, limit = settings.max_connections, "connection limit reached; closing");
+        shared.metrics.connection_refused("limit");
+        return;
     };
     let open = shared.metrics.connections_open();
     open.inc();
