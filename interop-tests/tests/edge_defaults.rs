@@ -416,15 +416,12 @@ fn calls_labelled(metrics: &str, job: &str) -> bool {
         .any(|l| l.starts_with("pnp_calls_total{") && l.contains(&format!("job=\"{job}\"")))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_untrusted_job_header_picks_its_route_but_is_no_label_and_not_forwarded() {
-    let upstream = FaultyUpstream::start(Fault::StallAfterHeaders)
-        .await
-        .expect("stalling upstream");
-    let proxy = proxy_with_slow_job(&upstream, false).await;
+/// A call with `x-pnp-job: slow` over `mode`: the route naming that job is picked, so the
+/// stalling upstream's call ends with the slow profile's first-message clock.
+async fn call_as_the_slow_job(proxy: &Proxy, mode: Mode) {
     let reply = call(
         proxy.local_addr(),
-        Mode::WebBinaryH1,
+        mode,
         EMPTY_CALL,
         &[("x-pnp-job", "slow")],
         encode_frames(&[b""]),
@@ -436,6 +433,15 @@ async fn an_untrusted_job_header_picks_its_route_but_is_no_label_and_not_forward
         "the route naming the job was not picked: {:?}",
         reply.grpc_message()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_job_header_picks_its_route_but_is_no_label_and_not_forwarded() {
+    let upstream = FaultyUpstream::start(Fault::StallAfterHeaders)
+        .await
+        .expect("stalling upstream");
+    let proxy = proxy_with_slow_job(&upstream, false).await;
+    call_as_the_slow_job(&proxy, Mode::WebBinaryH1).await;
     let seen = only_request(&upstream);
     assert!(
         !seen.contains_key("x-pnp-job"),
@@ -457,20 +463,7 @@ async fn a_trusted_job_header_is_forwarded_and_a_label() {
         .await
         .expect("stalling upstream");
     let proxy = proxy_with_slow_job(&upstream, true).await;
-    let reply = call(
-        proxy.local_addr(),
-        Mode::GrpcH2,
-        EMPTY_CALL,
-        &[("x-pnp-job", "slow")],
-        encode_frames(&[b""]),
-    )
-    .await;
-    assert_eq!(reply.grpc_status(), Some(UNAVAILABLE), "{reply:?}");
-    assert!(
-        reply.grpc_message().contains("profile slowprofile"),
-        "{:?}",
-        reply.grpc_message()
-    );
+    call_as_the_slow_job(&proxy, Mode::GrpcH2).await;
     assert_eq!(values(&only_request(&upstream), "x-pnp-job"), ["slow"]);
     let metrics = scrape_metrics(proxy.admin_addr().expect("admin listener")).await;
     assert!(calls_labelled(&metrics, "slow"), "{metrics}");
