@@ -171,6 +171,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(upstream) = &args.upstream {
         config.upstream.target = Config::parse_upstream(upstream)?;
+        // One upstream on the command line replaces the config's set of transports.
+        config.upstream.transports.clear();
     }
     if let Some(ca) = &args.upstream_ca {
         config.upstream.ca = Some(ca.clone());

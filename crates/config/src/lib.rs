@@ -15,7 +15,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use profile::{
-    parse_code, FirstMessage, Jobs, Profile, Resilience, RetrySettings, Route, DEFAULT_PROFILE,
+    parse_code, FirstMessage, Jobs, Negotiation, Profile, Resilience, RetrySettings, Route,
+    SwitchRule, DEFAULT_PROFILE,
 };
 pub use size::parse_size;
 
@@ -152,6 +153,22 @@ pub struct Upstream {
     /// Chunked HTTP/1.1 upstreams (`h1://`): connections open at once, one call each, so the
     /// most calls in flight; as many stay open idle for later calls.
     pub h1_connections: usize,
+    /// The same peer over several transports (`upstream.transports`), in order of preference,
+    /// at most one per protocol; the call's profile picks among them (see
+    /// [`Negotiation`]). Empty: the target alone.
+    pub transports: Vec<url::Url>,
+}
+
+impl Upstream {
+    /// The peer's transports in order: [`transports`](Self::transports), or the target alone.
+    /// Empty while the target is the demo.
+    pub fn peer(&self) -> Vec<url::Url> {
+        match (&self.target, self.transports.is_empty()) {
+            (_, false) => self.transports.clone(),
+            (UpstreamTarget::Url(url), true) => vec![url.clone()],
+            (UpstreamTarget::Demo, true) => Vec::new(),
+        }
+    }
 }
 
 /// The upstream of the data plane.
@@ -270,6 +287,7 @@ impl Config {
                 connections: 4,
                 stream_window: DEFAULT_STREAM_WINDOW,
                 h1_connections: DEFAULT_H1_CONNECTIONS,
+                transports: Vec::new(),
             },
             cors: Cors {
                 allowed_origins: AllowedOrigins::Any,

@@ -43,6 +43,69 @@ pub struct Profile {
     /// Largest message of this profile's calls, either direction; `None`: `limits.max_message_size`.
     /// Bulk profiles (model loads, checkpoints) go up to 4 GiB − 1, the gRPC frame limit.
     pub max_message_size: Option<usize>,
+    /// Which of the peer's transports this profile's calls may use, and what moves them.
+    pub negotiation: Negotiation,
+}
+
+/// How a profile's calls choose among the peer's transports (`[profiles.NAME.negotiation]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Negotiation {
+    /// Transport names (`h2`, `h1`, `h3`, `ucx`) in order of preference: the first is the
+    /// default, the rest the fallback chain. `None`: every transport of the upstream, in the
+    /// upstream's order.
+    pub transports: Option<Vec<String>>,
+    /// How long a transport may take to be ready (connected) before a call skips it for the
+    /// next one, its request unread.
+    pub budget: Duration,
+    /// Rules that move the profile's calls between its transports.
+    pub rules: Vec<SwitchRule>,
+    /// How far below a throughput threshold a job must fall to move back (0.2: 128 MB/s up,
+    /// 102.4 MB/s down).
+    pub hysteresis: f64,
+    /// Time constant of the job's throughput average.
+    pub window: Duration,
+    /// How long a job that failed over stays away from the transport it left.
+    pub return_after: Duration,
+}
+
+impl Default for Negotiation {
+    fn default() -> Self {
+        Self {
+            transports: None,
+            budget: Duration::from_millis(500),
+            rules: Vec::new(),
+            hysteresis: 0.2,
+            window: Duration::from_secs(1),
+            return_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A rule of a profile's [`Negotiation`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum SwitchRule {
+    /// The job's throughput (request and response payload, bytes per second) above `above`
+    /// moves its new calls to the transport `to`.
+    ThroughputAbove {
+        /// Bytes per second.
+        above: u64,
+        /// Transport name.
+        to: String,
+    },
+    /// A call whose size hint (`x-pnp-size-hint`, else `content-length`) is above `above`
+    /// bytes goes to `to`.
+    SizeAbove {
+        /// Bytes.
+        above: u64,
+        /// Transport name.
+        to: String,
+    },
+    /// After `failures` consecutive calls the transport failed to carry, the job moves to the
+    /// next transport of the list.
+    Failures {
+        /// Consecutive failures.
+        failures: u32,
+    },
 }
 
 impl Default for Profile {
@@ -57,6 +120,7 @@ impl Default for Profile {
             idempotent: false,
             degradable: false,
             max_message_size: None,
+            negotiation: Negotiation::default(),
         }
     }
 }

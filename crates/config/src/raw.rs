@@ -10,8 +10,9 @@ use std::collections::BTreeMap;
 
 use crate::{
     parse_code, parse_size, AllowedOrigins, Config, ConfigError, Cors, FirstMessage, H3Listener,
-    Jobs, Limits, Profile, Resilience, RetrySettings, Route, Shutdown, TlsFiles, Upstream,
-    UpstreamTarget, DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE_PERIOD, DEFAULT_PROFILE,
+    Jobs, Limits, Negotiation, Profile, Resilience, RetrySettings, Route, Shutdown, SwitchRule,
+    TlsFiles, Upstream, UpstreamTarget, DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE_PERIOD,
+    DEFAULT_PROFILE,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -107,6 +108,30 @@ struct RawProfile {
     max_message_size: Option<String>,
     #[serde(default)]
     retry: RawRetry,
+    negotiation: Option<RawNegotiation>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNegotiation {
+    transports: Option<Vec<String>>,
+    budget: Option<String>,
+    hysteresis: Option<f64>,
+    window: Option<String>,
+    return_after: Option<String>,
+    #[serde(default)]
+    rules: Vec<RawSwitchRule>,
+}
+
+/// One rule: exactly one of the conditions, and `to` where the condition moves calls to a
+/// named transport.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSwitchRule {
+    throughput_above: Option<String>,
+    size_above: Option<String>,
+    failures: Option<u32>,
+    to: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +201,8 @@ struct RawUpstream {
     connections: Option<usize>,
     stream_window: Option<String>,
     h1_connections: Option<usize>,
+    /// The same peer over several transports, in order of preference.
+    transports: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -427,7 +454,12 @@ impl RawProfile {
                 "is smaller than initial_backoff",
             ));
         }
+        let negotiation = match self.negotiation {
+            Some(raw) => raw.into_negotiation(&key("negotiation"))?,
+            None => Negotiation::default(),
+        };
         Ok(Profile {
+            negotiation,
             first_message,
             first_message_explicit: self.first_message_timeout.is_some()
                 || self.model_class.is_some(),
@@ -442,6 +474,137 @@ impl RawProfile {
                 None => d.max_message_size,
             },
         })
+    }
+}
+
+/// A transport's name (`h2`, `h1`, `h3`, `ucx`) from an upstream URL's scheme.
+pub(crate) fn transport_name(scheme: &str) -> Option<&'static str> {
+    match scheme {
+        "http" | "https" => Some("h2"),
+        "h1" | "h1s" => Some("h1"),
+        "h3" => Some("h3"),
+        "ucx" => Some("ucx"),
+        _ => None,
+    }
+}
+
+const TRANSPORT_NAMES: [&str; 4] = ["h2", "h1", "h3", "ucx"];
+
+impl RawNegotiation {
+    fn into_negotiation(self, key: &str) -> Result<Negotiation, ConfigError> {
+        let key = |field: &str| format!("{key}.{field}");
+        let d = Negotiation::default();
+        let known = |field: &str, name: &str| {
+            if TRANSPORT_NAMES.contains(&name) {
+                Ok(name.to_owned())
+            } else {
+                Err(invalid(
+                    &key(field),
+                    format!("`{name}` is not a transport (use h2, h1, h3 or ucx)"),
+                ))
+            }
+        };
+        let transports = match self.transports {
+            None => None,
+            Some(list) => {
+                if list.is_empty() {
+                    return Err(invalid(&key("transports"), "lists no transport"));
+                }
+                let mut seen = Vec::new();
+                for name in &list {
+                    known("transports", name)?;
+                    if seen.contains(name) {
+                        return Err(invalid(
+                            &key("transports"),
+                            format!("`{name}` is listed twice"),
+                        ));
+                    }
+                    seen.push(name.clone());
+                }
+                Some(list)
+            }
+        };
+        let mut rules = Vec::new();
+        for (i, rule) in self.rules.into_iter().enumerate() {
+            let field = format!("rules[{i}]");
+            let to = rule
+                .to
+                .as_deref()
+                .map(|to| known(&format!("{field}.to"), to))
+                .transpose()?;
+            if let (Some(to), Some(list)) = (&to, &transports) {
+                if !list.contains(to) {
+                    return Err(invalid(
+                        &key(&format!("{field}.to")),
+                        format!("`{to}` is not in this profile's transports"),
+                    ));
+                }
+            }
+            let rule = match (rule.throughput_above, rule.size_above, rule.failures, to) {
+                (Some(rate), None, None, Some(to)) => SwitchRule::ThroughputAbove {
+                    above: parse_rate(&key(&format!("{field}.throughput_above")), &rate)?,
+                    to,
+                },
+                (None, Some(size), None, Some(to)) => SwitchRule::SizeAbove {
+                    above: parse_size(&size)
+                        .map_err(|r| invalid(&key(&format!("{field}.size_above")), r))?
+                        as u64,
+                    to,
+                },
+                (None, None, Some(failures), None) => {
+                    if failures == 0 {
+                        return Err(invalid(
+                            &key(&format!("{field}.failures")),
+                            "must be at least 1",
+                        ));
+                    }
+                    SwitchRule::Failures { failures }
+                }
+                (None, None, Some(_), Some(_)) => {
+                    return Err(invalid(
+                        &key(&field),
+                        "`failures` moves a job to the next transport of the list; it takes no `to`",
+                    ))
+                }
+                _ => {
+                    return Err(invalid(
+                        &key(&field),
+                        "give one of `throughput_above` (with `to`), `size_above` (with `to`) or `failures`",
+                    ))
+                }
+            };
+            rules.push(rule);
+        }
+        let hysteresis = self.hysteresis.unwrap_or(d.hysteresis);
+        if !(0.0..=0.99).contains(&hysteresis) {
+            return Err(invalid(&key("hysteresis"), "must be within 0 … 0.99"));
+        }
+        let window = duration_or(&key("window"), &self.window, d.window)?;
+        if window.is_zero() {
+            return Err(invalid(&key("window"), "must be more than 0"));
+        }
+        let budget = duration_or(&key("budget"), &self.budget, d.budget)?;
+        if budget.is_zero() {
+            return Err(invalid(&key("budget"), "must be more than 0"));
+        }
+        Ok(Negotiation {
+            transports,
+            budget,
+            rules,
+            hysteresis,
+            window,
+            return_after: duration_or(&key("return_after"), &self.return_after, d.return_after)?,
+        })
+    }
+}
+
+/// A byte rate: a size per second, `128MB/s` (or a bare size, read as per second).
+fn parse_rate(key: &str, text: &str) -> Result<u64, ConfigError> {
+    let size = text.trim().strip_suffix("/s").unwrap_or(text);
+    match parse_size(size) {
+        Ok(0) => Err(invalid(key, "must be more than 0")),
+        Ok(bytes) => Ok(bytes as u64),
+        Err(reason) => Err(invalid(key, reason)),
     }
 }
 
@@ -605,11 +768,49 @@ impl RawConfig {
             config.admin = Some(parse_addr("admin.addr", addr)?);
         }
 
+        let transports = match &self.upstream.transports {
+            None => Vec::new(),
+            Some(_) if self.upstream.url.is_some() => {
+                return Err(invalid(
+                    "upstream.transports",
+                    "give either upstream.url (one transport) or upstream.transports, not both",
+                ))
+            }
+            Some(list) if list.is_empty() => {
+                return Err(invalid("upstream.transports", "lists no transport"))
+            }
+            Some(list) => {
+                let mut urls: Vec<url::Url> = Vec::with_capacity(list.len());
+                for text in list {
+                    let UpstreamTarget::Url(url) = parse_upstream("upstream.transports", text)?
+                    else {
+                        return Err(invalid(
+                            "upstream.transports",
+                            "`demo` is one transport; use upstream.url = \"demo\"",
+                        ));
+                    };
+                    let name = transport_name(url.scheme());
+                    if urls.iter().any(|u| transport_name(u.scheme()) == name) {
+                        return Err(invalid(
+                            "upstream.transports",
+                            format!(
+                                "`{text}`: a second {} transport (one per protocol)",
+                                name.unwrap_or("?")
+                            ),
+                        ));
+                    }
+                    urls.push(url);
+                }
+                urls
+            }
+        };
         config.upstream = Upstream {
-            target: match &self.upstream.url {
-                Some(url) => parse_upstream("upstream.url", url)?,
-                None => UpstreamTarget::Demo,
+            target: match (&self.upstream.url, transports.first()) {
+                (Some(url), _) => parse_upstream("upstream.url", url)?,
+                (None, Some(first)) => UpstreamTarget::Url(first.clone()),
+                (None, None) => UpstreamTarget::Demo,
             },
+            transports,
             ca: self.upstream.ca,
             connect_timeout: match &self.upstream.connect_timeout {
                 Some(text) => parse_duration("upstream.connect_timeout", text)?,
@@ -702,8 +903,49 @@ impl RawConfig {
         };
         config.resilience = self.resilience.into_resilience()?;
         config.jobs = into_jobs(self.profiles, self.routes)?;
+        check_profile_transports(&config)?;
         Ok(config)
     }
+}
+
+/// Every transport a profile names must be one the upstream has (when the upstream lists its
+/// transports; a single-URL or demo upstream is checked when pnp starts, after `--upstream`).
+fn check_profile_transports(config: &Config) -> Result<(), ConfigError> {
+    let peer: Vec<&str> = config
+        .upstream
+        .transports
+        .iter()
+        .filter_map(|u| transport_name(u.scheme()))
+        .collect();
+    if peer.is_empty() {
+        return Ok(());
+    }
+    for (name, profile) in &config.jobs.profiles {
+        let n = &profile.negotiation;
+        let named =
+            n.transports
+                .iter()
+                .flatten()
+                .map(String::as_str)
+                .chain(n.rules.iter().filter_map(|r| match r {
+                    SwitchRule::ThroughputAbove { to, .. } | SwitchRule::SizeAbove { to, .. } => {
+                        Some(to.as_str())
+                    }
+                    SwitchRule::Failures { .. } => None,
+                }));
+        for transport in named {
+            if !peer.contains(&transport) {
+                return Err(invalid(
+                    &format!("profiles.{name}.negotiation"),
+                    format!(
+                        "`{transport}` is not among upstream.transports ({})",
+                        peer.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// RFC 9110 token characters, which is what a header name may hold.
@@ -764,6 +1006,156 @@ mod tests {
         );
         assert_eq!(config.limits.max_message_size, 16 << 20);
         assert_eq!(config.shutdown.grace_period, Duration::from_secs(45));
+    }
+
+    /// The design notes' table as operators write it (README's bridging section).
+    const NEGOTIATION_TABLE: &str = r#"
+        [upstream]
+        transports = ["http://cluster:8080", "h3://cluster:8443", "h1://cluster:8081"]
+
+        [profiles.gradient-sync.negotiation]
+        transports = ["h2", "h3"]
+        rules = [{ throughput_above = "128MB/s", to = "h3" }]
+
+        [profiles.model-load]
+        max_message_size = "4294967295"
+        [profiles.model-load.negotiation]
+        transports = ["h2", "h3"]
+        rules = [{ size_above = "4GB", to = "h3" }]
+
+        [profiles.checkpoint.negotiation]
+        transports = ["h2", "h3", "h1"]
+        rules = [{ failures = 3 }]
+
+        [profiles.browser.negotiation]
+        transports = ["h2", "h1"]
+        budget = "500ms"
+
+        [[routes]]
+        job = "gradients"
+        profile = "gradient-sync"
+    "#;
+
+    #[test]
+    fn a_peer_with_several_transports_and_profiles_that_choose_among_them() {
+        let config = Config::from_toml(NEGOTIATION_TABLE).expect("valid");
+        let peer: Vec<String> = config
+            .upstream
+            .peer()
+            .iter()
+            .map(|u| u.to_string())
+            .collect();
+        assert_eq!(
+            peer,
+            [
+                "http://cluster:8080/",
+                "h3://cluster:8443",
+                "h1://cluster:8081"
+            ]
+        );
+        assert!(
+            matches!(&config.upstream.target, UpstreamTarget::Url(u) if u.scheme() == "http"),
+            "the first transport is the target"
+        );
+        let jobs = &config.jobs.profiles;
+        let sync = &jobs["gradient-sync"].negotiation;
+        assert_eq!(
+            sync.transports.as_deref(),
+            Some(&["h2".to_owned(), "h3".to_owned()][..])
+        );
+        assert_eq!(
+            sync.rules,
+            [SwitchRule::ThroughputAbove {
+                above: 128_000_000,
+                to: "h3".into()
+            }]
+        );
+        assert_eq!(sync.budget, Duration::from_millis(500));
+        assert_eq!(sync.hysteresis, 0.2);
+        assert_eq!(
+            jobs["model-load"].negotiation.rules,
+            [SwitchRule::SizeAbove {
+                above: 4_000_000_000,
+                to: "h3".into()
+            }]
+        );
+        assert_eq!(
+            jobs["checkpoint"].negotiation.rules,
+            [SwitchRule::Failures { failures: 3 }]
+        );
+        assert_eq!(jobs[DEFAULT_PROFILE].negotiation, Negotiation::default());
+    }
+
+    #[test]
+    fn bad_negotiation_settings_name_their_key() {
+        let peer = "[upstream]\ntransports = [\"http://c:1\", \"h1://c:2\"]\n";
+        for (doc, key, says) in [
+            (
+                "[upstream]\nurl = \"http://c:1\"\ntransports = [\"h1://c:2\"]".to_owned(),
+                "upstream.transports",
+                "not both",
+            ),
+            (
+                "[upstream]\ntransports = [\"http://c:1\", \"https://c:2\"]".to_owned(),
+                "upstream.transports",
+                "a second h2 transport",
+            ),
+            (
+                "[upstream]\ntransports = []".to_owned(),
+                "upstream.transports",
+                "no transport",
+            ),
+            (
+                format!("{peer}[profiles.p.negotiation]\ntransports = [\"h4\"]"),
+                "profiles.p.negotiation.transports",
+                "not a transport",
+            ),
+            (
+                format!("{peer}[profiles.p.negotiation]\ntransports = [\"h2\", \"h2\"]"),
+                "profiles.p.negotiation.transports",
+                "twice",
+            ),
+            (
+                format!("{peer}[profiles.p.negotiation]\ntransports = [\"h2\", \"h3\"]"),
+                "profiles.p.negotiation",
+                "not among upstream.transports",
+            ),
+            (
+                format!(
+                    "{peer}[profiles.p.negotiation]\ntransports = [\"h2\"]\nrules = [{{ size_above = \"1GB\", to = \"h1\" }}]"
+                ),
+                "profiles.p.negotiation.rules[0].to",
+                "not in this profile",
+            ),
+            (
+                format!("{peer}[profiles.p.negotiation]\nrules = [{{ failures = 3, to = \"h1\" }}]"),
+                "profiles.p.negotiation.rules[0]",
+                "takes no `to`",
+            ),
+            (
+                format!("{peer}[profiles.p.negotiation]\nrules = [{{ throughput_above = \"fast\", to = \"h1\" }}]"),
+                "profiles.p.negotiation.rules[0].throughput_above",
+                "number",
+            ),
+            (
+                format!("{peer}[profiles.p.negotiation]\nrules = [{{ to = \"h1\" }}]"),
+                "profiles.p.negotiation.rules[0]",
+                "give one of",
+            ),
+            (
+                format!("{peer}[profiles.p.negotiation]\nhysteresis = 1.5"),
+                "profiles.p.negotiation.hysteresis",
+                "0.99",
+            ),
+            (
+                format!("{peer}[profiles.p.negotiation]\nbudget = \"0s\""),
+                "profiles.p.negotiation.budget",
+                "more than 0",
+            ),
+        ] {
+            let err = Config::from_toml(&doc).expect_err(&doc).to_string();
+            assert!(err.contains(key) && err.contains(says), "{doc}: {err}");
+        }
     }
 
     #[test]

@@ -169,12 +169,14 @@ impl NegotiationPolicy {
         })
     }
 
-    /// The transports of a new call of the job in `state`, whose size hint is `size_hint`.
+    /// The transports of a new call of the job in `state`, whose size hint is `size_hint`;
+    /// `healthy` says which of the profile's slots are taken to work (a [`Health`] of the peer,
+    /// seen through the profile's list).
     pub fn choose(
         &self,
         state: &mut JobState,
         size_hint: Option<u64>,
-        health: &Health,
+        healthy: &dyn Fn(Slot) -> bool,
         now: Instant,
     ) -> Choice {
         let all: Vec<Slot> = (0..self.slots)
@@ -188,7 +190,7 @@ impl NegotiationPolicy {
         }
         // Back from a fail-over once the transport left is healthy and time has passed.
         if let Some((left, at)) = state.failed_over {
-            if health.is_healthy(left) && now.saturating_duration_since(at) >= self.return_after {
+            if healthy(left) && now.saturating_duration_since(at) >= self.return_after {
                 state.failed_over = None;
                 state.base = left;
             }
@@ -227,11 +229,7 @@ impl NegotiationPolicy {
             order.push(preferred);
         }
         order.extend(all.iter().copied().filter(|s| *s != preferred));
-        let healthy: Vec<Slot> = order
-            .iter()
-            .copied()
-            .filter(|s| health.is_healthy(*s))
-            .collect();
+        let healthy: Vec<Slot> = order.iter().copied().filter(|s| healthy(*s)).collect();
         if healthy.is_empty() {
             // Every transport looks down: try them all in order rather than fail unasked.
             return Choice { order, reason };
@@ -538,7 +536,12 @@ mod tests {
         let p = policy(vec![]);
         let now = Instant::now();
         let health = Health::new(3, backoff());
-        let choice = p.choose(&mut JobState::new(now), None, &health, now);
+        let choice = p.choose(
+            &mut JobState::new(now),
+            None,
+            &|s| health.is_healthy(s),
+            now,
+        );
         assert_eq!(
             choice,
             Choice {
@@ -559,13 +562,20 @@ mod tests {
         let mut job = JobState::new(start);
         // 100 MB/s: stays on HTTP/2.
         let now = feed(&p, &mut job, start, 100.0 * MB, 5.0);
-        assert_eq!(p.choose(&mut job, None, &health, now).order[0], H2);
+        assert_eq!(
+            p.choose(&mut job, None, &|s| health.is_healthy(s), now)
+                .order[0],
+            H2
+        );
         // 200 MB/s: within one window (time constant 1 s, 3 windows to settle) it moves.
         let mut now = now;
         let mut moved_after = None;
         for step in 1..=300 {
             now = feed(&p, &mut job, now, 200.0 * MB, 0.01);
-            if p.choose(&mut job, None, &health, now).order[0] == UCX {
+            if p.choose(&mut job, None, &|s| health.is_healthy(s), now)
+                .order[0]
+                == UCX
+            {
                 moved_after = Some(step * 10);
                 break;
             }
@@ -577,7 +587,7 @@ mod tests {
         for _ in 0..500 {
             let rate = rng.random_range(120.0..135.0) * MB;
             now = feed(&p, &mut job, now, rate, 0.01);
-            let choice = p.choose(&mut job, None, &health, now);
+            let choice = p.choose(&mut job, None, &|s| health.is_healthy(s), now);
             assert_eq!(
                 choice.order[0],
                 UCX,
@@ -588,7 +598,11 @@ mod tests {
         }
         // Well below (50 MB/s): back to HTTP/2.
         let now = feed(&p, &mut job, now, 50.0 * MB, 5.0);
-        assert_eq!(p.choose(&mut job, None, &health, now).order[0], H2);
+        assert_eq!(
+            p.choose(&mut job, None, &|s| health.is_healthy(s), now)
+                .order[0],
+            H2
+        );
     }
 
     #[test]
@@ -600,10 +614,23 @@ mod tests {
         let health = Health::new(3, backoff());
         let now = Instant::now();
         let mut job = JobState::new(now);
-        let big = p.choose(&mut job, Some(5_000_000_000), &health, now);
+        let big = p.choose(
+            &mut job,
+            Some(5_000_000_000),
+            &|s| health.is_healthy(s),
+            now,
+        );
         assert_eq!((big.order[0], big.reason), (QUIC, Reason::SizeHint));
-        assert_eq!(p.choose(&mut job, Some(1_000), &health, now).order[0], H2);
-        assert_eq!(p.choose(&mut job, None, &health, now).order[0], H2);
+        assert_eq!(
+            p.choose(&mut job, Some(1_000), &|s| health.is_healthy(s), now)
+                .order[0],
+            H2
+        );
+        assert_eq!(
+            p.choose(&mut job, None, &|s| health.is_healthy(s), now)
+                .order[0],
+            H2
+        );
     }
 
     #[test]
@@ -617,7 +644,7 @@ mod tests {
             assert_eq!(p.record(&mut job, H2, ok, start), None);
         }
         assert_eq!(p.record(&mut job, H2, false, start), Some(UCX));
-        let choice = p.choose(&mut job, None, &health, start);
+        let choice = p.choose(&mut job, None, &|s| health.is_healthy(s), start);
         assert_eq!(
             (choice.order[0], choice.reason),
             (UCX, Reason::FailureStreak)
@@ -626,7 +653,7 @@ mod tests {
         assert_eq!(p.record(&mut job, QUIC, false, start), None);
         // After return_after, with HTTP/2 healthy, the job goes back.
         let later = start + Duration::from_secs(31);
-        let choice = p.choose(&mut job, None, &health, later);
+        let choice = p.choose(&mut job, None, &|s| health.is_healthy(s), later);
         assert_eq!((choice.order[0], choice.reason), (H2, Reason::Default));
     }
 
@@ -640,7 +667,12 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let now = Instant::now();
         health.failed(QUIC, now, &mut rng);
-        let choice = p.choose(&mut JobState::new(now), Some(100), &health, now);
+        let choice = p.choose(
+            &mut JobState::new(now),
+            Some(100),
+            &|s| health.is_healthy(s),
+            now,
+        );
         assert_eq!(
             choice,
             Choice {
@@ -651,7 +683,12 @@ mod tests {
         // All down: everything is tried in order rather than failing unasked.
         health.failed(H2, now, &mut rng);
         health.failed(UCX, now, &mut rng);
-        let choice = p.choose(&mut JobState::new(now), Some(100), &health, now);
+        let choice = p.choose(
+            &mut JobState::new(now),
+            Some(100),
+            &|s| health.is_healthy(s),
+            now,
+        );
         assert_eq!(choice.order, vec![QUIC, H2, UCX]);
     }
 
@@ -663,12 +700,13 @@ mod tests {
         let mut job = JobState::new(now);
         job.forbidden = vec![H2];
         assert_eq!(
-            p.choose(&mut job, None, &health, now).order,
+            p.choose(&mut job, None, &|s| health.is_healthy(s), now)
+                .order,
             vec![UCX, QUIC]
         );
         job.forced = Some(QUIC);
         assert_eq!(
-            p.choose(&mut job, None, &health, now),
+            p.choose(&mut job, None, &|s| health.is_healthy(s), now),
             Choice {
                 order: vec![QUIC],
                 reason: Reason::Forced
@@ -690,7 +728,7 @@ mod tests {
         let mut now = start;
         for ms in 0..60_000u64 {
             now = start + Duration::from_millis(ms);
-            let choice = p.choose(&mut job, Some(1), &health, now);
+            let choice = p.choose(&mut job, Some(1), &|s| health.is_healthy(s), now);
             if choice.order[0] == QUIC {
                 on_dead += 1;
                 health.failed(QUIC, now, &mut rng); // the call's transport failed
@@ -711,6 +749,10 @@ mod tests {
         assert!(probes >= 10, "it kept being probed: {probes}");
         // Once it answers a probe, calls use it again.
         health.succeeded(QUIC);
-        assert_eq!(p.choose(&mut job, Some(1), &health, now).order[0], QUIC);
+        assert_eq!(
+            p.choose(&mut job, Some(1), &|s| health.is_healthy(s), now)
+                .order[0],
+            QUIC
+        );
     }
 }

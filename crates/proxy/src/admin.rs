@@ -1,5 +1,8 @@
-//! The admin listener: `/healthz` (the process is up), `/readyz` (it takes new calls) and
-//! `/metrics` (Prometheus, OpenMetrics text).
+//! The admin listener: `/healthz` (the process is up), `/readyz` (it takes new calls),
+//! `/metrics` (Prometheus, OpenMetrics text), and transport negotiation: `GET /negotiation`
+//! (JSON: each transport's health and estimate, each job's transport, throughput and
+//! overrides) and the operator's override, `POST /negotiation/override?job=NAME&force=h3`,
+//! `…&forbid=h1,h3` or `…&clear` (the control plane will drive the same through its API).
 //!
 //! It has budgets of its own, so a stuck scraper or a scan cannot pile up connections: at most
 //! [`MAX_CONNECTIONS`] at once (more are closed at once), request heads within
@@ -18,6 +21,7 @@ use tokio::net::TcpListener;
 
 use pnp_telemetry::Metrics;
 
+use crate::negotiation::Negotiator;
 use crate::Health;
 
 /// Admin connections open at once.
@@ -27,7 +31,12 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest an admin connection may stay open.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 
-pub(crate) async fn serve(tcp: TcpListener, health: Arc<Health>, metrics: Metrics) {
+pub(crate) async fn serve(
+    tcp: TcpListener,
+    health: Arc<Health>,
+    metrics: Metrics,
+    negotiator: Arc<Negotiator>,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = match tcp.accept().await {
@@ -44,10 +53,11 @@ pub(crate) async fn serve(tcp: TcpListener, health: Arc<Health>, metrics: Metric
         };
         let health = health.clone();
         let metrics = metrics.clone();
+        let negotiator = negotiator.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let response = answer(&request, &health, &metrics);
+                let response = answer(&request, &health, &metrics, &negotiator);
                 async move { Ok::<_, Infallible>(response) }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -72,7 +82,51 @@ fn answer(
     request: &Request<Incoming>,
     health: &Health,
     metrics: &Metrics,
+    negotiator: &Negotiator,
 ) -> Response<Full<Bytes>> {
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/negotiation") => {
+            let mut response = Response::new(Full::new(Bytes::from(
+                negotiator.status().to_string() + "\n",
+            )));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            return response;
+        }
+        (&Method::POST, "/negotiation/override") => {
+            let query = request.uri().query().unwrap_or("");
+            let params: Vec<(&str, &str)> = query
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| p.split_once('=').unwrap_or((p, "")))
+                .collect();
+            let get = |key: &str| params.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+            let outcome = match get("job") {
+                None => Err("name the job: ?job=NAME".to_owned()),
+                Some(job) => {
+                    let forbid: Vec<&str> = get("forbid")
+                        .map(|list| list.split(',').filter(|t| !t.is_empty()).collect())
+                        .unwrap_or_default();
+                    negotiator.override_job(
+                        job,
+                        get("force").filter(|t| !t.is_empty()),
+                        &forbid,
+                        get("clear").is_some(),
+                    )
+                }
+            };
+            let (status, body) = match outcome {
+                Ok(summary) => (StatusCode::OK, summary + "\n"),
+                Err(reason) => (StatusCode::BAD_REQUEST, reason + "\n"),
+            };
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            *response.status_mut() = status;
+            return response;
+        }
+        _ => {}
+    }
     if request.method() == Method::GET && request.uri().path() == "/metrics" {
         let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
         response.headers_mut().insert(

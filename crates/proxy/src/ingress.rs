@@ -28,7 +28,7 @@ use pnp_config::{AllowedOrigins, Cors, Edge};
 use pnp_policy::deadline::{Deadline, DeadlineOffset};
 use pnp_policy::idle::StreamClocks;
 use pnp_telemetry::{request_id, Metrics};
-use pnp_transport::strip_request_headers;
+use pnp_transport::{strip_request_headers, Blame};
 use pnp_wire::content_type::{self, Protocol};
 use tokio::time::Instant as TokioInstant;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +39,7 @@ use crate::admission::{Admission, Admitted};
 use crate::body::RequestBody;
 use crate::budget::BufferBudget;
 use crate::conn::{ClientReset, PeerAddr};
+use crate::negotiation::Negotiator;
 use crate::profiles::Profiles;
 use crate::reply::{
     base_headers, shutdown_status, CallClocks, Clocks, Encoding, Observer, ReplyBody,
@@ -66,7 +67,7 @@ pub struct Ingress {
 /// Everything the ingress needs to serve calls.
 pub(crate) struct Inner {
     pub(crate) upstream: GuardedUpstream,
-    pub(crate) transport_name: &'static str,
+    pub(crate) negotiator: Arc<Negotiator>,
     pub(crate) max_message_size: usize,
     pub(crate) shutdown: CancellationToken,
     pub(crate) metrics: Metrics,
@@ -159,7 +160,7 @@ impl EdgeRules {
 impl std::fmt::Debug for Ingress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ingress")
-            .field("transport", &self.inner.transport_name)
+            .field("negotiator", &self.inner.negotiator)
             .finish()
     }
 }
@@ -194,7 +195,7 @@ impl tower::Service<Request<RequestBody>> for Ingress {
             request_id = %String::from_utf8_lossy(request_id.as_bytes()),
             method = %request.uri().path(),
             job = inner.edge.span_job(request.headers()),
-            transport = inner.transport_name,
+            transport = tracing::field::Empty,
             grpc_status = tracing::field::Empty,
         );
         Box::pin(
@@ -238,6 +239,7 @@ impl Inner {
         let subtype = accepted.subtype.clone();
 
         let mut metadata = parts.headers;
+        let size_hint = size_hint(&mut metadata);
         strip_request_headers(&mut metadata);
         let job = self.edge.take_job(&mut metadata);
         self.edge.forward_for(&mut metadata, peer.as_ref());
@@ -252,27 +254,6 @@ impl Inner {
                 )
             }
         };
-        let mut observer = Observer {
-            recorder: self
-                .metrics
-                .call(path.path(), job.trusted.as_deref(), self.transport_name),
-            metrics: self.metrics.clone(),
-            span: tracing::Span::current(),
-            permit: None,
-        };
-        let abort = CallAbort::default();
-        let fail = |observer: &mut Observer, status: Status| {
-            observer.finish(&status);
-            // Whatever still runs for this call (the request pipe to the upstream) stops now.
-            abort.abort(status.clone());
-            responder::trailers_only(
-                encoding,
-                subtype.as_deref(),
-                &status,
-                Some(self.transport_name),
-            )
-        };
-
         let mut head = CallHead {
             path,
             subtype: accepted.subtype,
@@ -286,13 +267,41 @@ impl Inner {
         if let Some(limit) = policy.max_message_size {
             head.max_message_size = limit;
         }
+        // The transport the profile's rules prefer; a fallback may still carry the call.
+        let plan = self.negotiator.plan(&policy.name, size_hint);
+        let mut carrier = Carrier {
+            name: plan.first_name(&self.negotiator),
+            fallback: false,
+        };
+        let span = tracing::Span::current();
+        span.record("transport", carrier.name);
+        let mut observer = Observer {
+            recorder: self
+                .metrics
+                .call(head.path.path(), job.trusted.as_deref(), carrier.name),
+            metrics: self.metrics.clone(),
+            span,
+            permit: None,
+            transport_reason: "default",
+        };
+        let abort = CallAbort::default();
+        let fail = |observer: &mut Observer, status: Status, carrier: Carrier| {
+            observer.finish(&status);
+            // Whatever still runs for this call (the request pipe to the upstream) stops now.
+            abort.abort(status.clone());
+            let mut response =
+                responder::trailers_only(encoding, subtype.as_deref(), &status, Some(carrier.name));
+            carrier.mark(response.headers_mut());
+            response
+        };
+
         let client = peer.map(|PeerAddr(addr)| addr.ip());
         let degrade = match self.admission.admit(policy.degradable, client) {
             Admitted::Yes { permit, degrade } => {
                 observer.permit = Some(permit);
                 degrade
             }
-            Admitted::No(status) => return fail(&mut observer, status),
+            Admitted::No(status) => return fail(&mut observer, status, carrier),
         };
         let deadline = Deadline::compute(
             arrival,
@@ -309,59 +318,77 @@ impl Inner {
             profile: policy.name.clone(),
         };
 
+        let waiting = self.admission.waiting();
+        // A transport that is not ready within the profile's budget is skipped, the request
+        // still unread; the call's clocks run meanwhile.
+        let picked = match self
+            .under_clocks(
+                self.negotiator.pick(plan),
+                &mut clocks,
+                &abort,
+                "while choosing a transport",
+            )
+            .await
+        {
+            Ok(Ok(picked)) => picked,
+            Ok(Err(status)) | Err(status) => return fail(&mut observer, status, carrier),
+        };
+        carrier = Carrier {
+            name: picked.name,
+            fallback: picked.fallback,
+        };
+        observer.span.record("transport", carrier.name);
+        observer.recorder.set_transport(carrier.name);
+        observer.transport_reason = picked.reason.as_str();
+
         let messages = RequestMessages::new(
             body.0.take().unwrap_or(RequestBody::Empty),
             accepted.protocol == Protocol::GrpcWebText,
             head.max_message_size,
             abort.clone(),
-            self.metrics.request_counters(self.transport_name),
+            self.metrics.request_counters(carrier.name),
             activity,
             &self.budget,
         );
-        let waiting = self.admission.waiting();
+        let messages = Box::pin(Carried::new(messages, picked.bytes.clone()));
         let reply = self.upstream.call(
+            &picked.transport,
             head,
-            Box::pin(messages),
+            messages,
             &policy,
             deadline.map(|d| d.at),
             job.trusted.as_deref(),
             abort.clone(),
         );
-        tokio::pin!(reply);
-        let reply = loop {
-            let wake = clocks.next_wake();
-            let sleep = async {
-                match wake {
-                    Some(at) => tokio::time::sleep_until(TokioInstant::from_std(at)).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                reply = &mut reply => break reply,
-                () = abort.token().cancelled() => {
-                    return fail(&mut observer, abort.status_or_cancelled());
-                }
-                () = sleep => {
-                    let when = "before the upstream answered";
-                    if let Some(status) = clocks.expired(Instant::now(), &self.metrics, when) {
-                        return fail(&mut observer, status);
-                    }
-                }
-                () = self.shutdown.cancelled() => return fail(&mut observer, shutdown_status()),
-            }
-        };
+        let reply = self
+            .under_clocks(reply, &mut clocks, &abort, "before the upstream answered")
+            .await;
         drop(waiting);
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(status) => return fail(&mut observer, status, carrier),
+        };
+        // Whether the transport carried the call feeds the job's failure streak; what the
+        // upstream answered (any status) does not.
+        let transport_failed =
+            matches!(&reply, Err(e) if e.blame == Blame::Upstream) && abort.status().is_none();
+        self.negotiator.record(&picked, !transport_failed);
         match reply {
             Err(err) => {
                 tracing::debug!(error = %err, blame = ?err.blame, "call failed before a reply");
                 // Bad request input resets the upstream stream, and the transport reports that
                 // reset (often in the same wake-up as the abort, so `select!` may pick either):
                 // the client must see what was wrong with its request, not the reset.
-                fail(&mut observer, abort.status().unwrap_or(*err.status))
+                fail(
+                    &mut observer,
+                    abort.status().unwrap_or(*err.status),
+                    carrier,
+                )
             }
-            Ok(Reply::TrailersOnly(status)) => fail(&mut observer, status),
+            Ok(Reply::TrailersOnly(status)) => fail(&mut observer, status, carrier),
             Ok(Reply::Stream { head, items }) => {
                 let subtype = head.subtype.as_deref().or(subtype.as_deref());
+                let items = Box::pin(Carried::new(items, picked.bytes));
                 let mut response = Response::new(ReplyBody::streaming(
                     encoding,
                     items,
@@ -378,12 +405,127 @@ impl Inner {
                 let headers = response.headers_mut();
                 *headers = head.metadata;
                 headers.extend(base_headers(encoding, subtype));
-                headers.insert(
-                    "x-pnp-transport",
-                    HeaderValue::from_static(self.transport_name),
-                );
+                headers.insert("x-pnp-transport", HeaderValue::from_static(carrier.name));
+                carrier.mark(headers);
                 response
             }
+        }
+    }
+
+    /// Wait for `work` while the call's clocks run: the call ends with the clock's status if one
+    /// expires first, or when the client's side fails or pnp shuts down.
+    async fn under_clocks<T>(
+        &self,
+        work: impl Future<Output = T>,
+        clocks: &mut CallClocks,
+        abort: &CallAbort,
+        when: &'static str,
+    ) -> Result<T, Status> {
+        tokio::pin!(work);
+        loop {
+            let wake = clocks.next_wake();
+            let sleep = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(TokioInstant::from_std(at)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                out = &mut work => return Ok(out),
+                () = abort.token().cancelled() => return Err(abort.status_or_cancelled()),
+                () = sleep => {
+                    if let Some(status) = clocks.expired(Instant::now(), &self.metrics, when) {
+                        return Err(status);
+                    }
+                }
+                () = self.shutdown.cancelled() => return Err(shutdown_status()),
+            }
+        }
+    }
+}
+
+/// The header a reply carries when a fallback transport carried its call.
+pub const FALLBACK_HEADER: &str = "x-grpc-web-fallback";
+
+/// The header a client sets to tell negotiation how many bytes its call will carry.
+pub const SIZE_HINT_HEADER: &str = "x-pnp-size-hint";
+
+/// The transport that carried (or was to carry) a call, as its reply shows it.
+#[derive(Clone, Copy, Debug)]
+struct Carrier {
+    name: &'static str,
+    fallback: bool,
+}
+
+impl Carrier {
+    /// `x-grpc-web-fallback: true` when a fallback carried the call.
+    fn mark(self, headers: &mut HeaderMap) {
+        if self.fallback {
+            headers.insert(FALLBACK_HEADER, HeaderValue::from_static("true"));
+        }
+    }
+}
+
+/// The call's size hint: `x-pnp-size-hint` (taken out of the metadata: it is pnp's), else the
+/// request's `content-length`.
+fn size_hint(metadata: &mut HeaderMap) -> Option<u64> {
+    let parse = |value: &HeaderValue| value.to_str().ok()?.trim().parse::<u64>().ok();
+    let hinted = metadata.remove(SIZE_HINT_HEADER);
+    hinted
+        .as_ref()
+        .and_then(parse)
+        .or_else(|| metadata.get(header::CONTENT_LENGTH).and_then(parse))
+}
+
+/// A stream of a call's messages (either direction) whose payload bytes are added to the job's
+/// throughput counter as they pass: one relaxed atomic add per message or fragment.
+struct Carried<S> {
+    inner: S,
+    bytes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<S> Carried<S> {
+    fn new(inner: S, bytes: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        Self { inner, bytes }
+    }
+}
+
+impl<S: futures_core::Stream + Unpin> futures_core::Stream for Carried<S>
+where
+    S::Item: CarriedBytes,
+{
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        let item = std::task::ready!(Pin::new(&mut self.inner).poll_next(cx));
+        if let Some(item) = &item {
+            let n = item.carried_bytes();
+            if n > 0 {
+                self.bytes
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        Poll::Ready(item)
+    }
+}
+
+/// Payload bytes in one item of a call's message stream.
+trait CarriedBytes {
+    fn carried_bytes(&self) -> usize;
+}
+
+impl CarriedBytes for Result<pnp_call::Part, Status> {
+    fn carried_bytes(&self) -> usize {
+        self.as_ref().map_or(0, pnp_call::Part::payload_len)
+    }
+}
+
+impl CarriedBytes for pnp_call::ReplyItem {
+    fn carried_bytes(&self) -> usize {
+        match self {
+            pnp_call::ReplyItem::Message(m) => m.data.len(),
+            pnp_call::ReplyItem::Fragment { data, .. } => data.len(),
+            _ => 0,
         }
     }
 }

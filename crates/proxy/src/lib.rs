@@ -24,6 +24,7 @@ mod h3quic;
 mod h3server;
 pub mod ingress;
 mod listener;
+mod negotiation;
 mod profiles;
 mod replay;
 pub mod reply;
@@ -105,13 +106,47 @@ struct H3Listener {
     endpoint: quinn::Endpoint,
 }
 
+/// The transport an upstream URL's scheme selects: HTTP/3 for `h3://`, chunked HTTP/1.1 for
+/// `h1://` and `h1s://`, HTTP/2 otherwise.
+fn egress_transport(
+    upstream: url::Url,
+    config: &Config,
+    extra_roots_pem: Option<Vec<u8>>,
+) -> std::io::Result<pnp_transport::SharedTransport> {
+    Ok(match pnp_transport::Kind::from_scheme(upstream.scheme()) {
+        Some(pnp_transport::Kind::H1) => Arc::new(Http1Transport::new(Http1Options {
+            upstream,
+            extra_roots_pem,
+            connect_timeout: config.upstream.connect_timeout,
+            max_connections: config.upstream.h1_connections,
+            max_idle: config.upstream.h1_connections,
+        })?),
+        Some(pnp_transport::Kind::H3) => Arc::new(Http3Transport::new(Http3Options {
+            upstream,
+            extra_roots_pem,
+            connect_timeout: config.upstream.connect_timeout,
+            keepalive_timeout: config.resilience.keepalive_timeout,
+            stream_window: pnp_transport::http3::DEFAULT_STREAM_WINDOW,
+            connection_window: pnp_transport::http3::DEFAULT_CONNECTION_WINDOW,
+        })?),
+        _ => Arc::new(Http2Transport::new(Http2Options {
+            upstream,
+            extra_roots_pem,
+            connect_timeout: config.upstream.connect_timeout,
+            keepalive_interval: config.resilience.keepalive_interval,
+            keepalive_timeout: config.resilience.keepalive_timeout,
+            connections: config.upstream.connections,
+            stream_window: config.upstream.stream_window,
+        })?),
+    })
+}
+
 impl Proxy {
     /// Bind the listeners and start serving.
     pub async fn start(config: Config) -> Result<Proxy, StartError> {
-        let upstream = match &config.upstream.target {
-            UpstreamTarget::Url(url) => url.clone(),
-            UpstreamTarget::Demo => return Err(StartError::UnresolvedUpstream),
-        };
+        if matches!(config.upstream.target, UpstreamTarget::Demo) {
+            return Err(StartError::UnresolvedUpstream);
+        }
         let io_err = |what: String| move |source| StartError::Io { what, source };
         let extra_roots_pem = match &config.upstream.ca {
             Some(path) => Some(
@@ -120,43 +155,15 @@ impl Proxy {
             ),
             None => None,
         };
-        let upstream_name = upstream.to_string();
-        let transport: pnp_transport::SharedTransport =
-            match pnp_transport::Kind::from_scheme(upstream.scheme()) {
-                Some(pnp_transport::Kind::H1) => Arc::new(
-                    Http1Transport::new(Http1Options {
-                        upstream,
-                        extra_roots_pem,
-                        connect_timeout: config.upstream.connect_timeout,
-                        max_connections: config.upstream.h1_connections,
-                        max_idle: config.upstream.h1_connections,
-                    })
-                    .map_err(io_err("configuring the upstream".into()))?,
-                ),
-                Some(pnp_transport::Kind::H3) => Arc::new(
-                    Http3Transport::new(Http3Options {
-                        upstream,
-                        extra_roots_pem,
-                        connect_timeout: config.upstream.connect_timeout,
-                        keepalive_timeout: config.resilience.keepalive_timeout,
-                        stream_window: pnp_transport::http3::DEFAULT_STREAM_WINDOW,
-                        connection_window: pnp_transport::http3::DEFAULT_CONNECTION_WINDOW,
-                    })
-                    .map_err(io_err("configuring the upstream".into()))?,
-                ),
-                _ => Arc::new(
-                    Http2Transport::new(Http2Options {
-                        upstream,
-                        extra_roots_pem,
-                        connect_timeout: config.upstream.connect_timeout,
-                        keepalive_interval: config.resilience.keepalive_interval,
-                        keepalive_timeout: config.resilience.keepalive_timeout,
-                        connections: config.upstream.connections,
-                        stream_window: config.upstream.stream_window,
-                    })
-                    .map_err(io_err("configuring the upstream".into()))?,
-                ),
-            };
+        let peer_urls = config.upstream.peer();
+        let upstream_name = peer_urls.first().map(|u| u.to_string()).unwrap_or_default();
+        let peer = peer_urls
+            .into_iter()
+            .map(|url| {
+                egress_transport(url, &config, extra_roots_pem.clone())
+                    .map_err(io_err("configuring the upstream".into()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let tls = match &config.listener.tls {
             Some(files) => Some(tls::acceptor(files).map_err(io_err(format!(
                 "loading TLS certificate {}",
@@ -175,9 +182,10 @@ impl Proxy {
                 .map_err(StartError::Config)?,
         );
         let budget = budget::BufferBudget::new(config.limits.buffer_budget, &metrics);
-        let transport_name = transport.kind().name();
+        let negotiator = negotiation::Negotiator::new(peer, &config.jobs, metrics.clone())
+            .map_err(StartError::Config)?;
+        negotiator.spawn_prober(end_streams.clone());
         let upstream = resilience::GuardedUpstream::new(
-            transport,
             upstream_name.trim_end_matches('/').to_owned(),
             &config.resilience,
             budget.clone(),
@@ -186,7 +194,7 @@ impl Proxy {
         .map_err(StartError::Config)?;
         let ingress = Ingress::new(ingress::Inner {
             upstream,
-            transport_name,
+            negotiator: negotiator.clone(),
             max_message_size: config.limits.max_message_size,
             shutdown: end_streams.clone(),
             metrics: metrics.clone(),
@@ -281,6 +289,7 @@ impl Proxy {
                         tcp,
                         health.clone(),
                         metrics.clone(),
+                        negotiator,
                     ))),
                 )
             }

@@ -222,6 +222,8 @@ pub(crate) struct Observer {
     pub(crate) span: tracing::Span,
     /// The call's place inside the admission limit; released when the observer goes.
     pub(crate) permit: Option<Permit>,
+    /// Why negotiation chose the call's transport (`pnp_policy::negotiate::Reason`).
+    pub(crate) transport_reason: &'static str,
 }
 
 impl Observer {
@@ -245,6 +247,7 @@ impl Observer {
             grpc_message = %status.message,
             messages = self.recorder.messages(),
             duration_ms = self.recorder.elapsed().as_secs_f64() * 1e3,
+            transport_reason = self.transport_reason,
             "call finished"
         );
     }

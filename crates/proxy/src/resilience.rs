@@ -45,7 +45,6 @@ use crate::replay::Replay;
 
 /// One upstream with its breaker and retry throttle.
 pub(crate) struct GuardedUpstream {
-    transport: Transport,
     breaker: Arc<GuardedBreaker>,
     throttle: Mutex<RetryThrottle>,
     rng: Mutex<ChaCha8Rng>,
@@ -71,7 +70,6 @@ impl std::fmt::Debug for GuardedUpstream {
 
 impl GuardedUpstream {
     pub(crate) fn new(
-        transport: Transport,
         name: String,
         config: &Resilience,
         budget: BufferBudget,
@@ -93,7 +91,6 @@ impl GuardedUpstream {
         metrics.set_breaker_state(&name, 0);
         metrics.set_retry_tokens(bucket.tokens());
         Ok(Self {
-            transport,
             breaker: Arc::new(GuardedBreaker {
                 breaker: Mutex::new(breaker),
                 name,
@@ -106,13 +103,17 @@ impl GuardedUpstream {
         })
     }
 
-    /// Send a call, retrying as its policy allows, until a reply or a final failure.
+    /// Send a call over `transport` (negotiation's pick), retrying as its policy allows, until
+    /// a reply or a final failure. Retries stay on the same transport: they are for the
+    /// upstream's blips, and moving a job is negotiation's business, for its next calls.
     ///
     /// The breaker hears how each attempt went: at once for a failure or a Trailers-Only reply;
     /// for a streaming reply when its stream ends (the reply's items carry the attempt's
     /// [`BreakerTicket`]), so a stream cut after its headers counts as a failure.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn call(
         &self,
+        transport: &Transport,
         head: CallHead,
         messages: BoxMessageStream,
         policy: &CallPolicy,
@@ -136,7 +137,16 @@ impl GuardedUpstream {
             None => (None, Some(messages)),
         };
         let result = self
-            .attempts(head, replay.as_ref(), single, policy, deadline, job, abort)
+            .attempts(
+                transport,
+                head,
+                replay.as_ref(),
+                single,
+                policy,
+                deadline,
+                job,
+                abort,
+            )
             .await;
         // No attempt follows: what was kept for one goes back to the budget now, not when the
         // request stream ends (which, for a streaming request, is the end of the call).
@@ -149,6 +159,7 @@ impl GuardedUpstream {
     #[allow(clippy::too_many_arguments)]
     async fn attempts(
         &self,
+        transport: &Transport,
         head: CallHead,
         replay: Option<&Replay>,
         mut single: Option<BoxMessageStream>,
@@ -186,8 +197,7 @@ impl GuardedUpstream {
                     })
                 }
             };
-            let result = self
-                .transport
+            let result = transport
                 .call(Call {
                     head: attempt,
                     messages,
@@ -509,7 +519,21 @@ mod tests {
         ReplyItem::Status(Status::new(code, "scripted"))
     }
 
-    fn upstream(answers: Vec<Answer>, failures: u32) -> (GuardedUpstream, Metrics) {
+    /// A guarded upstream with the transport its calls go over.
+    struct TestUpstream {
+        guarded: GuardedUpstream,
+        transport: Transport,
+    }
+
+    impl std::ops::Deref for TestUpstream {
+        type Target = GuardedUpstream;
+
+        fn deref(&self) -> &GuardedUpstream {
+            &self.guarded
+        }
+    }
+
+    fn upstream(answers: Vec<Answer>, failures: u32) -> (TestUpstream, Metrics) {
         let answers = Arc::new(Mutex::new(VecDeque::from(answers)));
         let transport = tower::service_fn(move |_call: Call| {
             let answer = answers.lock().expect("lock").pop_front();
@@ -539,18 +563,13 @@ mod tests {
         };
         let metrics = Metrics::new();
         let budget = BufferBudget::new(1 << 20, &metrics);
-        let guarded = GuardedUpstream::new(
-            Arc::new(pnp_transport::ServiceTransport::new(
-                pnp_transport::Kind::H2,
-                tower::util::BoxCloneSyncService::new(transport),
-            )),
-            "up".into(),
-            &config,
-            budget,
-            metrics.clone(),
-        )
-        .expect("valid");
-        (guarded, metrics)
+        let guarded =
+            GuardedUpstream::new("up".into(), &config, budget, metrics.clone()).expect("valid");
+        let transport: Transport = Arc::new(pnp_transport::ServiceTransport::new(
+            pnp_transport::Kind::H2,
+            tower::util::BoxCloneSyncService::new(transport),
+        ));
+        (TestUpstream { guarded, transport }, metrics)
     }
 
     fn policy() -> CallPolicy {
@@ -568,14 +587,11 @@ mod tests {
         }
     }
 
-    async fn call(upstream: &GuardedUpstream) -> Result<Reply, TransportError> {
+    async fn call(upstream: &TestUpstream) -> Result<Reply, TransportError> {
         call_with(upstream, CallAbort::default()).await
     }
 
-    async fn call_with(
-        upstream: &GuardedUpstream,
-        abort: CallAbort,
-    ) -> Result<Reply, TransportError> {
+    async fn call_with(upstream: &TestUpstream, abort: CallAbort) -> Result<Reply, TransportError> {
         let head = CallHead {
             path: "/a.B/C".parse().expect("path"),
             subtype: None,
@@ -585,7 +601,16 @@ mod tests {
         };
         let messages: BoxMessageStream = Box::pin(futures_util::stream::empty());
         upstream
-            .call(head, messages, &policy(), None, None, abort)
+            .guarded
+            .call(
+                &upstream.transport,
+                head,
+                messages,
+                &policy(),
+                None,
+                None,
+                abort,
+            )
             .await
     }
 

@@ -127,6 +127,18 @@ struct UpstreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SelectionLabels {
+    job: Label,
+    transport: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabels {
+    job: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BufferLabels {
     reason: &'static str,
 }
@@ -169,6 +181,9 @@ struct Inner {
     client_resets: Family<ProtocolLabels, Counter>,
     buffered_bytes: Gauge,
     buffer_refusals: Family<BufferLabels, Counter>,
+    transport_selected: Family<SelectionLabels, Counter>,
+    transport_health: Family<TransportLabels, Gauge>,
+    job_throughput: Family<JobLabels, Gauge<f64, AtomicU64>>,
     methods: BoundedValues,
     jobs: BoundedValues,
 }
@@ -300,8 +315,29 @@ impl Metrics {
             "Times the global buffer budget could not take more bytes, by what asked (replay: a request stopped being kept for retries)",
             buffer_refusals.clone(),
         );
+        let transport_selected = Family::default();
+        registry.register(
+            "transport_selected",
+            "Calls by the transport negotiation chose for them, by job (the call's profile), transport and reason (default, throughput, size_hint, failure_streak, fallback, forced)",
+            transport_selected.clone(),
+        );
+        let transport_health = Family::default();
+        registry.register(
+            "transport_health",
+            "Whether negotiation takes a transport to the upstream to work: 1 healthy, 0 failed and being re-probed",
+            transport_health.clone(),
+        );
+        let job_throughput = Family::<JobLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "job_throughput_bytes_per_second",
+            "Each job's smoothed payload throughput (both directions) as negotiation sees it",
+            job_throughput.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
+                transport_selected,
+                transport_health,
+                job_throughput,
                 registry,
                 calls,
                 duration,
@@ -466,6 +502,38 @@ impl Metrics {
             .inc();
     }
 
+    /// Negotiation chose `transport` for a call of `job` because of `reason`.
+    pub fn transport_selected(&self, job: &str, transport: &'static str, reason: &'static str) {
+        let inner = &self.inner;
+        inner
+            .transport_selected
+            .get_or_create(&SelectionLabels {
+                job: Label(inner.jobs.get(job)),
+                transport,
+                reason,
+            })
+            .inc();
+    }
+
+    /// Negotiation now takes `transport` to be healthy (or not).
+    pub fn set_transport_health(&self, transport: &'static str, healthy: bool) {
+        self.inner
+            .transport_health
+            .get_or_create(&TransportLabels { transport })
+            .set(i64::from(healthy));
+    }
+
+    /// `job`'s smoothed throughput, bytes per second.
+    pub fn set_job_throughput(&self, job: &str, bytes_per_second: f64) {
+        let inner = &self.inner;
+        inner
+            .job_throughput
+            .get_or_create(&JobLabels {
+                job: Label(inner.jobs.get(job)),
+            })
+            .set(bytes_per_second);
+    }
+
     /// One of pnp's clocks ended a call.
     pub fn clock_expired(&self, clock: &'static str) {
         self.inner
@@ -550,6 +618,28 @@ impl CallRecorder {
         let seq = self.messages;
         self.messages += 1;
         seq
+    }
+
+    /// The call goes over `transport` after all (negotiation fell back from the one it was
+    /// recorded under): its in-flight gauge and response counters move there.
+    pub fn set_transport(&mut self, transport: &'static str) {
+        if transport == self.transport || self.finished {
+            return;
+        }
+        let inner = &self.metrics.inner;
+        self.active.dec();
+        self.active = inner
+            .active_streams
+            .get_or_create(&TransportLabels { transport })
+            .clone();
+        self.active.inc();
+        let labels = FlowLabels {
+            direction: Direction::Response,
+            transport,
+        };
+        self.messages_out = inner.messages.get_or_create(&labels).clone();
+        self.bytes_out = inner.bytes.get_or_create(&labels).clone();
+        self.transport = transport;
     }
 
     /// Response messages so far.

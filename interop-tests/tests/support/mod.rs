@@ -9,6 +9,7 @@
 pub mod bridge;
 pub mod bulk;
 pub mod h3;
+pub mod negotiation;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
