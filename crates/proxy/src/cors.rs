@@ -17,6 +17,7 @@ const ALWAYS_EXPOSED: &[&str] = &[
     "grpc-message",
     "grpc-status-details-bin",
     "x-pnp-transport",
+    "x-grpc-web-fallback",
     "x-request-id",
 ];
 

@@ -182,8 +182,13 @@ impl Proxy {
                 .map_err(StartError::Config)?,
         );
         let budget = budget::BufferBudget::new(config.limits.buffer_budget, &metrics);
-        let negotiator = negotiation::Negotiator::new(peer, &config.jobs, metrics.clone())
-            .map_err(StartError::Config)?;
+        let negotiator = negotiation::Negotiator::new(
+            peer,
+            &config.jobs,
+            metrics.clone(),
+            config.upstream.connect_timeout,
+        )
+        .map_err(StartError::Config)?;
         negotiator.spawn_prober(end_streams.clone());
         let upstream = resilience::GuardedUpstream::new(
             upstream_name.trim_end_matches('/').to_owned(),

@@ -24,14 +24,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use pnp_call::{Code, Status};
 use pnp_config::{Jobs, SwitchRule};
 use pnp_policy::backoff::Backoff;
 use pnp_policy::negotiate::{Choice, Health, JobState, NegotiationPolicy, Reason, Rule, Slot};
-use pnp_telemetry::Metrics;
+use pnp_telemetry::{Counter, Metrics};
 use pnp_transport::SharedTransport;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -52,6 +52,9 @@ pub(crate) struct Negotiator {
     /// The peer's transports; a peer slot indexes this.
     peer: Vec<SharedTransport>,
     profiles: HashMap<String, ProfilePlan>,
+    /// How long a background probe may wait for a transport to be ready: its own connect
+    /// timeout and then some (no call waits for a probe).
+    probe_timeout: Duration,
     state: Mutex<State>,
     metrics: Metrics,
     /// Wakes the prober when a transport was marked unhealthy.
@@ -82,6 +85,30 @@ struct ProfilePlan {
     /// The profile's slot `i` is the peer's `slots[i]`.
     slots: Vec<usize>,
     budget: Duration,
+    /// Payload bytes the job carried since they were last folded into its throughput
+    /// average: added to by its calls as messages pass, without taking the negotiator's lock.
+    bytes: Arc<AtomicU64>,
+    /// One transport and no rule: nothing to decide, so calls take no lock.
+    fixed: bool,
+    /// The profile has a failure-streak rule (else outcomes need no recording).
+    counts_failures: bool,
+    /// `pnp_transport_selected_total` series of this job, by peer slot and reason, made on
+    /// first use.
+    selected: Vec<[OnceLock<Counter>; REASONS]>,
+}
+
+/// Every [`Reason`], in the order of the `selected` counters.
+const REASONS: usize = 6;
+
+fn reason_index(reason: Reason) -> usize {
+    match reason {
+        Reason::Default => 0,
+        Reason::Throughput => 1,
+        Reason::SizeHint => 2,
+        Reason::FailureStreak => 3,
+        Reason::Fallback => 4,
+        Reason::Forced => 5,
+    }
 }
 
 struct State {
@@ -92,11 +119,17 @@ struct State {
 
 struct Job {
     state: JobState,
-    /// Payload bytes carried since they were last folded into the throughput average: added
-    /// to by the job's calls as messages pass, without taking the negotiator's lock.
-    bytes: Arc<AtomicU64>,
     /// The peer slot the job's last call (not moved by a size hint) went to.
     current: Option<usize>,
+}
+
+impl Job {
+    fn new(now: Instant) -> Self {
+        Self {
+            state: JobState::new(now),
+            current: None,
+        }
+    }
 }
 
 /// What [`Negotiator::plan`] decided for one call.
@@ -138,11 +171,13 @@ pub(crate) struct Picked {
 
 impl Negotiator {
     /// The negotiator for `peer` (the upstream's transports in order) and every profile of
-    /// `jobs`. Fails when a profile names a transport the peer does not have.
+    /// `jobs`; `connect_timeout` bounds the transports' own connection attempts. Fails when a
+    /// profile names a transport the peer does not have.
     pub(crate) fn new(
         peer: Vec<SharedTransport>,
         jobs: &Jobs,
         metrics: Metrics,
+        connect_timeout: Duration,
     ) -> Result<Arc<Self>, String> {
         if peer.is_empty() {
             return Err("the upstream has no transport".into());
@@ -197,8 +232,15 @@ impl Negotiator {
                 ProfilePlan {
                     name: Arc::from(name.as_str()),
                     policy,
+                    fixed: slots.len() == 1 && n.rules.is_empty(),
+                    counts_failures: n
+                        .rules
+                        .iter()
+                        .any(|r| matches!(r, SwitchRule::Failures { .. })),
+                    selected: (0..peer.len()).map(|_| Default::default()).collect(),
                     slots,
                     budget: n.budget,
+                    bytes: Arc::default(),
                 },
             );
         }
@@ -213,6 +255,7 @@ impl Negotiator {
             }),
             peer,
             profiles,
+            probe_timeout: connect_timeout + Duration::from_secs(1),
             metrics,
             wake: tokio::sync::Notify::new(),
         }))
@@ -230,7 +273,6 @@ impl Negotiator {
 
     /// The transports to try for a new call of profile `job` whose size hint is `size_hint`.
     pub(crate) fn plan(&self, job: &str, size_hint: Option<u64>) -> Plan {
-        let now = Instant::now();
         let Some(profile) = self.profile(job) else {
             // Config always has the default profile; this keeps a call going regardless.
             return Plan {
@@ -241,15 +283,21 @@ impl Negotiator {
                 bytes: Arc::default(),
             };
         };
+        if profile.fixed {
+            return Plan {
+                job: profile.name.clone(),
+                order: profile.slots.clone(),
+                reason: Reason::Default,
+                budget: profile.budget,
+                bytes: profile.bytes.clone(),
+            };
+        }
+        let now = Instant::now();
         let mut guard = self.lock();
         let State { health, jobs, .. } = &mut *guard;
         let job = &profile.name;
-        let entry = jobs.entry(job.clone()).or_insert_with(|| Job {
-            state: JobState::new(now),
-            bytes: Arc::default(),
-            current: None,
-        });
-        let carried = entry.bytes.swap(0, Ordering::Relaxed);
+        let entry = jobs.entry(job.clone()).or_insert_with(|| Job::new(now));
+        let carried = profile.bytes.swap(0, Ordering::Relaxed);
         profile.policy.observe(&mut entry.state, carried, now);
         let healthy = |slot: Slot| {
             profile
@@ -286,7 +334,7 @@ impl Negotiator {
             order,
             reason,
             budget: profile.budget,
-            bytes: entry.bytes.clone(),
+            bytes: profile.bytes.clone(),
         }
     }
 
@@ -332,8 +380,7 @@ impl Negotiator {
                     "transport fallback"
                 );
             }
-            self.metrics
-                .transport_selected(&plan.job, name, reason.as_str());
+            self.count_selected(&plan.job, peer, reason);
             return Ok(Picked {
                 transport: transport.clone(),
                 name,
@@ -353,10 +400,29 @@ impl Negotiator {
         ))
     }
 
+    fn count_selected(&self, job: &str, peer: usize, reason: Reason) {
+        let counter = self
+            .profiles
+            .get(job)
+            .and_then(|p| p.selected.get(peer))
+            .map(|cells| {
+                cells[reason_index(reason)].get_or_init(|| {
+                    self.metrics.transport_selected_counter(
+                        job,
+                        self.peer[peer].kind().name(),
+                        reason.as_str(),
+                    )
+                })
+            });
+        if let Some(counter) = counter {
+            counter.inc();
+        }
+    }
+
     /// The call `picked` was for ended before a reply (`carried == false`: the transport
     /// failed it — could not connect, was reset, lost its connection) or got one.
     pub(crate) fn record(&self, picked: &Picked, carried: bool) {
-        let Some(profile) = self.profile(&picked.job) else {
+        let Some(profile) = self.profile(&picked.job).filter(|p| p.counts_failures) else {
             return;
         };
         let Some(slot) = profile.slots.iter().position(|s| *s == picked.peer) else {
@@ -428,15 +494,10 @@ impl Negotiator {
     async fn probe(&self, peer: usize) {
         let transport = &self.peer[peer];
         let name = transport.kind().name();
-        // The longest budget any profile gives a transport; a probe waits no less.
-        let budget = self
-            .profiles
-            .values()
-            .map(|p| p.budget)
-            .max()
-            .unwrap_or(Duration::from_millis(500));
+        // A probe may take longer than a call's budget: a slow handshake (a lossy path) still
+        // brings the transport back.
         let ready = matches!(
-            tokio::time::timeout(budget, transport.ready()).await,
+            tokio::time::timeout(self.probe_timeout, transport.ready()).await,
             Ok(Ok(()))
         );
         let now = Instant::now();
@@ -456,14 +517,15 @@ impl Negotiator {
 
     fn refresh_gauges(&self, now: Instant) {
         let mut state = self.lock();
-        for (name, job) in &mut state.jobs {
-            let Some(profile) = self.profile(name) else {
-                continue;
-            };
-            let carried = job.bytes.swap(0, Ordering::Relaxed);
+        for profile in self.profiles.values() {
+            let carried = profile.bytes.swap(0, Ordering::Relaxed);
+            let job = state
+                .jobs
+                .entry(profile.name.clone())
+                .or_insert_with(|| Job::new(now));
             profile.policy.observe(&mut job.state, carried, now);
             self.metrics
-                .set_job_throughput(name, job.state.throughput(now));
+                .set_job_throughput(&profile.name, job.state.throughput(now));
         }
     }
 
@@ -509,11 +571,7 @@ impl Negotiator {
         let entry = state
             .jobs
             .entry(profile.name.clone())
-            .or_insert_with(|| Job {
-                state: JobState::new(now),
-                bytes: Arc::default(),
-                current: None,
-            });
+            .or_insert_with(|| Job::new(now));
         if clear {
             entry.state.forced = None;
             entry.state.forbidden.clear();

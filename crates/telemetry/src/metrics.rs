@@ -502,8 +502,14 @@ impl Metrics {
             .inc();
     }
 
-    /// Negotiation chose `transport` for a call of `job` because of `reason`.
-    pub fn transport_selected(&self, job: &str, transport: &'static str, reason: &'static str) {
+    /// The counter of calls of `job` for which negotiation chose `transport` because of
+    /// `reason` (`pnp_transport_selected_total`), for the caller to keep and increment.
+    pub fn transport_selected_counter(
+        &self,
+        job: &str,
+        transport: &'static str,
+        reason: &'static str,
+    ) -> Counter {
         let inner = &self.inner;
         inner
             .transport_selected
@@ -512,7 +518,7 @@ impl Metrics {
                 transport,
                 reason,
             })
-            .inc();
+            .clone()
     }
 
     /// Negotiation now takes `transport` to be healthy (or not).

@@ -164,10 +164,76 @@ struct Inner {
     meter: Arc<Meter>,
 }
 
-/// The shared connection, and the last failed attempt (which calls that waited for it share).
+/// How long frames that need an acknowledgement may go unacknowledged before [`Transport::ready`]
+/// calls the connection unresponsive (at least; three smoothed RTTs when that is longer).
+pub const UNRESPONSIVE_AFTER: Duration = Duration::from_millis(250);
+
+/// How often a connection's watchdog samples its frame counters for [`Liveness`].
+const LIVENESS_SAMPLE: Duration = Duration::from_millis(50);
+
+/// Tracks whether a QUIC connection's peer answers, from the connection's statistics as a
+/// watchdog task (every [`LIVENESS_SAMPLE`]) and [`Transport::ready`] sample them. A path whose
+/// packets are dropped (a firewall that starts dropping UDP, a peer that vanished) leaves the
+/// connection open until its idle timeout; this notices sooner: frames that elicit an
+/// acknowledgement were sent, and nothing new was acknowledged for [`UNRESPONSIVE_AFTER`] since
+/// that was first seen.
+///
+/// "Acknowledged" is read from the smoothed RTT, which quinn updates with every RTT sample,
+/// and takes a sample only when an ACK newly acknowledges the peer's largest ack-eliciting
+/// packet. Counting ACK frames would not do: when only the way to the peer is blocked, the
+/// peer's own retransmissions still arrive carrying ACK frames, but they acknowledge nothing new.
+#[derive(Debug, Default)]
+struct Liveness {
+    /// The smoothed RTT when last sampled: it changes when an RTT sample is taken.
+    rtt: Duration,
+    /// Ack-eliciting frames sent when the RTT last changed.
+    eliciting: u64,
+    /// When a sample first found ack-eliciting frames sent after the last RTT sample.
+    waiting_since: Option<Instant>,
+}
+
+impl Liveness {
+    /// Sample `conn`: `Err(how long)` when it has waited too long for an acknowledgement.
+    fn sample(&mut self, conn: &quinn::Connection, now: Instant) -> Result<(), Duration> {
+        let stats = conn.stats();
+        let tx = &stats.frame_tx;
+        let eliciting = tx.stream
+            + tx.ping
+            + tx.max_data
+            + tx.max_stream_data
+            + tx.reset_stream
+            + tx.stop_sending
+            + tx.crypto;
+        if stats.path.rtt != self.rtt {
+            *self = Liveness {
+                rtt: stats.path.rtt,
+                eliciting,
+                waiting_since: None,
+            };
+            return Ok(());
+        }
+        if eliciting == self.eliciting {
+            return Ok(());
+        }
+        let since = *self.waiting_since.get_or_insert(now);
+        let waited = now.saturating_duration_since(since);
+        if waited > UNRESPONSIVE_AFTER.max(stats.path.rtt * 3) {
+            Err(waited)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The shared connection, the attempt to make one, and the last failed attempt (which calls
+/// that waited for it share).
 #[derive(Default)]
 struct Slot {
     conn: Option<Connected>,
+    /// A connection attempt under way. It runs as a task of its own, so a caller that stops
+    /// waiting (a negotiation budget ran out) does not abort it: a slow handshake (a lossy
+    /// path, a long RTT) still completes, and a later call or probe finds the connection.
+    connecting: Option<tokio::task::JoinHandle<Result<Connected, TransportError>>>,
     failed: Option<(Instant, TransportError)>,
 }
 
@@ -178,6 +244,8 @@ type RecvHalf = h3::client::RequestStream<h3_quinn::RecvStream, FrameBuf>;
 #[derive(Clone)]
 struct Connected {
     quic: quinn::Connection,
+    /// Whether its peer still acknowledges what it is sent.
+    liveness: Arc<std::sync::Mutex<Liveness>>,
     send: SendRequest,
     /// Kept so the endpoint (its socket) lives as long as the connection.
     _endpoint: quinn::Endpoint,
@@ -280,7 +348,7 @@ impl Inner {
     /// The live connection, or a new one. Calls that wait while another makes the attempt
     /// share its outcome: one failed handshake fails them all at once instead of each trying
     /// again in turn.
-    async fn connection(&self) -> Result<Connected, TransportError> {
+    async fn connection(self: &Arc<Self>) -> Result<Connected, TransportError> {
         let asked = Instant::now();
         let mut slot = self.conn.lock().await;
         if let Some(conn) = &slot.conn {
@@ -289,26 +357,42 @@ impl Inner {
             }
             slot.conn = None;
         }
-        if let Some((at, err)) = &slot.failed {
-            if *at >= asked {
-                return Err(err.clone());
+        if slot.connecting.is_none() {
+            if let Some((at, err)) = &slot.failed {
+                if *at >= asked {
+                    return Err(err.clone());
+                }
             }
+            let this = self.clone();
+            slot.connecting = Some(tokio::spawn(async move {
+                match tokio::time::timeout(this.connect_timeout, this.connect()).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => Err(unreachable_peer(format!(
+                        "no HTTP/3 connection to {} within {:?}",
+                        this.authority, this.connect_timeout
+                    ))),
+                }
+            }));
         }
-        match tokio::time::timeout(self.connect_timeout, self.connect()).await {
-            Ok(Ok(conn)) => {
+        let Some(attempt) = slot.connecting.as_mut() else {
+            return Err(unreachable_peer("no connection attempt".into()));
+        };
+        // Dropped here (the caller's budget ran out), the attempt stays in the slot and goes
+        // on; the next caller waits for it.
+        let outcome = attempt.await.unwrap_or_else(|e| {
+            Err(unreachable_peer(format!(
+                "the HTTP/3 connection attempt to {} ended: {e}",
+                self.authority
+            )))
+        });
+        slot.connecting = None;
+        match outcome {
+            Ok(conn) => {
                 slot.failed = None;
                 slot.conn = Some(conn.clone());
                 Ok(conn)
             }
-            Ok(Err(err)) => {
-                slot.failed = Some((Instant::now(), err.clone()));
-                Err(err)
-            }
-            Err(_) => {
-                let err = unreachable_peer(format!(
-                    "no HTTP/3 connection to {} within {:?}",
-                    self.authority, self.connect_timeout
-                ));
+            Err(err) => {
                 slot.failed = Some((Instant::now(), err.clone()));
                 Err(err)
             }
@@ -358,8 +442,27 @@ impl Inner {
             }
         });
         tracing::debug!(peer = %self.authority, %addr, "HTTP/3 upstream connected");
+        let liveness = Arc::new(std::sync::Mutex::new(Liveness::default()));
+        // The watchdog keeps the liveness samples fresh between calls, so a path that starts
+        // dropping packets is noticed within UNRESPONSIVE_AFTER of it, not only after the next
+        // call began waiting. It ends with the connection.
+        let watched = quic.clone();
+        let samples = liveness.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LIVENESS_SAMPLE);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while watched.close_reason().is_none() {
+                tick.tick().await;
+                let now = Instant::now();
+                let _ = samples
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .sample(&watched, now);
+            }
+        });
         Ok(Connected {
             quic,
+            liveness,
             send,
             _endpoint: endpoint,
         })
@@ -507,9 +610,26 @@ impl Transport for Http3Transport {
         Capabilities::FULL
     }
 
+    /// A connection is up (or was just made) and its peer acknowledges what it is sent: a
+    /// connection whose frames have gone unacknowledged for [`UNRESPONSIVE_AFTER`] is not
+    /// ready, though QUIC would only give up on it at its idle timeout.
     fn ready(&self) -> BoxFuture<Result<(), TransportError>> {
         let inner = self.inner.clone();
-        Box::pin(async move { inner.connection().await.map(drop) })
+        Box::pin(async move {
+            let conn = inner.connection().await?;
+            let sampled = conn
+                .liveness
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .sample(&conn.quic, Instant::now());
+            sampled.map_err(|waited| {
+                unreachable_peer(format!(
+                    "the HTTP/3 connection to {} is unresponsive: nothing acknowledged for {} ms",
+                    inner.authority,
+                    waited.as_millis()
+                ))
+            })
+        })
     }
 
     /// Besides what the meter saw, the round-trip time QUIC itself measures (smoothed, from

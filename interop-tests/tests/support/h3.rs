@@ -22,6 +22,11 @@ pub struct Certs {
 }
 
 pub fn dev_certs() -> Certs {
+    dev_certs_for(&[])
+}
+
+/// [`dev_certs`] whose server certificate also names `ips`.
+pub fn dev_certs_for(ips: &[std::net::IpAddr]) -> Certs {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
         SanType,
@@ -38,6 +43,9 @@ pub fn dev_certs() -> Certs {
         SanType::DnsName("localhost".try_into().expect("name")),
         SanType::IpAddress([127, 0, 0, 1].into()),
     ];
+    server
+        .subject_alt_names
+        .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let cert = server
         .signed_by(&key, &ca_cert, &ca_key)

@@ -10,6 +10,7 @@ pub mod bridge;
 pub mod bulk;
 pub mod h3;
 pub mod negotiation;
+pub mod netns;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
