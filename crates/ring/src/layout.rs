@@ -202,7 +202,9 @@ mod tests {
         offsets.sort_unstable();
         offsets.dedup();
         assert_eq!(offsets.len(), 11);
-        assert!(offsets.iter().all(|o| o.is_multiple_of(8) && o + 8 <= HEADER_LEN));
+        assert!(offsets
+            .iter()
+            .all(|o| o.is_multiple_of(8) && o + 8 <= HEADER_LEN));
         // The writer's and the reader's words sit on different cache lines.
         assert_ne!(Word::WritePos.offset() / 64, Word::ReadPos.offset() / 64);
     }
