@@ -9,10 +9,11 @@ use loom::thread;
 use pnp_ring::model::{self, ModelReader};
 use pnp_ring::PushError;
 
-fn checker() -> loom::model::Builder {
+/// A checker exploring every interleaving with at most `preemptions` forced thread switches
+/// (`None`: all of them).
+fn checker(preemptions: Option<usize>) -> loom::model::Builder {
     let mut builder = loom::model::Builder::new();
-    // Enough to catch a missing Release/Acquire pair; keeps the run well under a minute.
-    builder.preemption_bound = Some(3);
+    builder.preemption_bound = preemptions;
     builder
 }
 
@@ -34,12 +35,10 @@ fn take(reader: &mut ModelReader, count: usize) -> Vec<(u64, Vec<u8>)> {
     got
 }
 
-#[test]
-fn records_cross_whole_and_in_order_through_a_full_ring_and_its_wrap() {
-    checker().check(|| {
-        // 64-byte ring; records of 32, 44 and 32 bytes: the second waits for the first to be
-        // read (full ring) and straddles the end of the data area.
-        let sizes = [8usize, 20, 8];
+/// One writer pushes records of these payload sizes, retrying while the ring is full; the
+/// reader takes them all and checks each.
+fn through_a_64_byte_ring(sizes: &'static [usize], preemptions: Option<usize>) {
+    checker(preemptions).check(move || {
         let (mut writer, mut reader) = model::ring(64);
         let producer = thread::spawn(move || {
             for (seq, &len) in sizes.iter().enumerate() {
@@ -66,9 +65,21 @@ fn records_cross_whole_and_in_order_through_a_full_ring_and_its_wrap() {
 }
 
 #[test]
+fn records_cross_whole_and_in_order_through_a_full_ring_and_its_wrap_in_every_interleaving() {
+    // Records of 32, 44 and 32 bytes: the second waits for the first to be read (full ring)
+    // and straddles the end of the data area; so does the third's header.
+    through_a_64_byte_ring(&[8, 20, 8], None);
+}
+
+#[test]
+fn five_records_lap_the_ring_twice_under_three_preemptions() {
+    through_a_64_byte_ring(&[8, 20, 8, 0, 13], Some(3));
+}
+
+#[test]
 fn a_writer_dying_mid_publication_is_never_seen_half_and_its_successor_continues() {
     for stores in [0, 1, 2, 3] {
-        checker().check(move || {
+        checker(None).check(move || {
             let (mut writer, mut reader) = model::ring(128);
             let producer = thread::spawn(move || {
                 writer.try_push(&payload(0, 8)).expect("room");
