@@ -20,7 +20,7 @@
 //! of the data area:
 //!
 //! ```text
-//!  0  u32 payload length   4  u32 CRC-32 (of bytes 8..24 and the payload)
+//!  0  u32 payload length   4  u32 CRC-32 (of the length, sequence, epoch and payload)
 //!  8  u64 sequence        16  u64 writer epoch        24  payload
 //! ```
 //!

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{OpenError, Role};
 use crate::layout::{valid_capacity, Word, HEADER_LEN, MAGIC, VERSION};
-use crate::raw::{try_lock_slot, MmapRegion};
+use crate::raw::{slot_is_locked, try_lock_slot, MmapRegion};
 
 /// An open, locked, validated ring file.
 #[derive(Debug)]
@@ -46,11 +46,7 @@ pub(crate) fn attach(
         .write(true)
         .open(path)
         .map_err(io_error(path))?;
-    let slot = match role {
-        Role::Writer => 0,
-        Role::Reader => 1,
-    };
-    if !try_lock_slot(&file, slot).map_err(io_error(path))? {
+    if !try_lock_slot(&file, lock_slot(role)).map_err(io_error(path))? {
         return Err(OpenError::Busy {
             path: path.to_owned(),
             role,
@@ -74,6 +70,19 @@ pub(crate) fn attach(
     })
 }
 
+/// The byte of the file whose lock marks `role` as attached.
+pub(crate) fn lock_slot(role: Role) -> i64 {
+    match role {
+        Role::Writer => 0,
+        Role::Reader => 1,
+    }
+}
+
+/// Whether a live process (or another handle in this one, on Linux) holds `role`'s end.
+pub(crate) fn is_attached(file: &File, role: Role) -> std::io::Result<bool> {
+    slot_is_locked(file, lock_slot(role))
+}
+
 /// Checks that `file` is a ring of this version whose length matches its capacity; returns
 /// the capacity.
 fn validate_header(file: &File, path: &Path) -> Result<u64, OpenError> {
@@ -88,20 +97,21 @@ fn validate_header(file: &File, path: &Path) -> Result<u64, OpenError> {
             "{len} bytes is shorter than the {HEADER_LEN}-byte header"
         )));
     }
-    let word = |word| MmapRegion::header_word(file, word).map_err(io_error(path));
-    let magic = word(Word::Magic)?;
+    let header = MmapRegion::map_header(file).map_err(io_error(path))?;
+    let word = |word| header.header_word(word);
+    let magic = word(Word::Magic);
     if magic != MAGIC {
         return Err(not_a_ring(format!("magic {magic:#018x}")));
     }
-    let version = word(Word::Version)?;
+    let version = word(Word::Version);
     if version != VERSION {
         return Err(not_a_ring(format!("version {version}")));
     }
-    let header_len = word(Word::HeaderLen)?;
+    let header_len = word(Word::HeaderLen);
     if header_len != HEADER_LEN as u64 {
         return Err(not_a_ring(format!("header length {header_len}")));
     }
-    let capacity = word(Word::Capacity)?;
+    let capacity = word(Word::Capacity);
     if !valid_capacity(capacity) {
         return Err(not_a_ring(format!("capacity {capacity}")));
     }

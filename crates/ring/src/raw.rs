@@ -75,10 +75,14 @@ impl MmapRegion {
         Ok(MmapRegion { map, capacity })
     }
 
-    /// Reads a header word before the capacity is known (to validate the header).
-    pub(crate) fn header_word(file: &File, word: Word) -> io::Result<u64> {
-        let region = MmapRegion::map(file, 0)?;
-        Ok(region.atomic(word).load(crate::sync::Ordering::Acquire))
+    /// Maps only the header of `file`, to validate it before the capacity is known.
+    pub(crate) fn map_header(file: &File) -> io::Result<MmapRegion> {
+        MmapRegion::map(file, 0)
+    }
+
+    /// A header word's value.
+    pub(crate) fn header_word(&self, word: Word) -> u64 {
+        self.atomic(word).load(crate::sync::Ordering::Acquire)
     }
 
     fn atomic(&self, word: Word) -> &AtomicU64 {
@@ -164,8 +168,21 @@ pub(crate) fn try_lock_slot(file: &File, slot: i64) -> io::Result<bool> {
     lock_slot(file, slot, libc::F_SETLK)
 }
 
+/// Whether another open file description holds the lock on byte `slot` of `file` (that end of
+/// the ring is attached by a live process).
+#[cfg(all(target_os = "linux", not(loom)))]
+pub(crate) fn slot_is_locked(file: &File, slot: i64) -> io::Result<bool> {
+    test_slot(file, slot, libc::F_OFD_GETLK)
+}
+
+/// Whether another process holds the lock on byte `slot` of `file`.
+#[cfg(all(unix, not(target_os = "linux"), not(loom)))]
+pub(crate) fn slot_is_locked(file: &File, slot: i64) -> io::Result<bool> {
+    test_slot(file, slot, libc::F_GETLK)
+}
+
 #[cfg(not(loom))]
-fn lock_slot(file: &File, slot: i64, command: libc::c_int) -> io::Result<bool> {
+fn write_lock_on(slot: i64) -> libc::flock {
     // SAFETY: `flock` is a plain C struct of integers, for which all-zero bytes is a valid
     // value (and OFD locks require `l_pid` to be 0).
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
@@ -173,6 +190,12 @@ fn lock_slot(file: &File, slot: i64, command: libc::c_int) -> io::Result<bool> {
     lock.l_whence = libc::SEEK_SET as libc::c_short;
     lock.l_start = slot as libc::off_t;
     lock.l_len = 1;
+    lock
+}
+
+#[cfg(not(loom))]
+fn lock_slot(file: &File, slot: i64, command: libc::c_int) -> io::Result<bool> {
+    let lock = write_lock_on(slot);
     // SAFETY: the descriptor is open for as long as `file` is borrowed, and `lock` is a valid
     // `flock` that outlives the call; F_OFD_SETLK / F_SETLK only read it.
     let rc = unsafe { libc::fcntl(file.as_raw_fd(), command, &lock as *const libc::flock) };
@@ -184,6 +207,19 @@ fn lock_slot(file: &File, slot: i64, command: libc::c_int) -> io::Result<bool> {
         Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
         _ => Err(err),
     }
+}
+
+#[cfg(not(loom))]
+fn test_slot(file: &File, slot: i64, command: libc::c_int) -> io::Result<bool> {
+    let mut lock = write_lock_on(slot);
+    // SAFETY: the descriptor is open for as long as `file` is borrowed, and `lock` is a valid,
+    // exclusively borrowed `flock` that outlives the call; F_OFD_GETLK / F_GETLK write a
+    // `flock` into it and nothing else.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), command, &mut lock as *mut libc::flock) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(lock.l_type != libc::F_UNLCK as libc::c_short)
 }
 
 /// A ring in process memory for the loom model: header words as loom atomics, and every data

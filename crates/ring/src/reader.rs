@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::backoff::{Backoff, Pause};
 use crate::error::{Corruption, OpenError, RecvError, Role};
-use crate::open::attach;
+use crate::open::{attach, is_attached};
 use crate::raw::MmapRegion;
 use crate::spsc::{Consumer, RecordRef};
 
@@ -36,7 +36,7 @@ pub struct Reader {
     consumer: Consumer<MmapRegion>,
     path: std::path::PathBuf,
     /// Holds the reader lock.
-    _file: File,
+    file: File,
 }
 
 impl Reader {
@@ -62,7 +62,7 @@ impl Reader {
         Ok(Reader {
             consumer,
             path: attached.path,
-            _file: attached.file,
+            file: attached.file,
         })
     }
 
@@ -146,6 +146,13 @@ impl Reader {
     /// This reader's epoch: 1 for the ring's first reader, one more for each re-attach.
     pub fn epoch(&self) -> u64 {
         self.consumer.epoch()
+    }
+
+    /// Whether a writer is attached now: a live process holds the writer's lock. The kernel
+    /// drops the lock when the writer dies, so the data plane learns at once that the control
+    /// plane is gone (and keeps serving with its last good config).
+    pub fn is_writer_attached(&self) -> std::io::Result<bool> {
+        is_attached(&self.file, Role::Writer)
     }
 
     /// The epoch of the latest writer to attach (0: none yet). When it changes, a writer has

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
 use crate::error::{Corruption, OpenError, PushError, Role};
-use crate::open::attach;
+use crate::open::{attach, is_attached};
 use crate::raw::MmapRegion;
 use crate::spsc::Producer;
 
@@ -22,7 +22,7 @@ pub struct Writer {
     producer: Producer<MmapRegion>,
     path: std::path::PathBuf,
     /// Holds the writer lock.
-    _file: File,
+    file: File,
 }
 
 impl Writer {
@@ -48,7 +48,7 @@ impl Writer {
         Ok(Writer {
             producer,
             path: attached.path,
-            _file: attached.file,
+            file: attached.file,
         })
     }
 
@@ -122,6 +122,12 @@ impl Writer {
     /// stops changing while records pile up means the reader is gone or stuck.
     pub fn reader_heartbeat(&self) -> u64 {
         self.producer.reader_heartbeat()
+    }
+
+    /// Whether a reader is attached now: a live process holds the reader's lock. The kernel
+    /// drops the lock when the reader dies, so this is exact, unlike a heartbeat.
+    pub fn is_reader_attached(&self) -> std::io::Result<bool> {
+        is_attached(&self.file, Role::Reader)
     }
 
     /// How many times a reader has attached (0: never).

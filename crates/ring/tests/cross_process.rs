@@ -101,6 +101,7 @@ fn a_writer_killed_mid_stream_leaves_the_reader_consistent_and_a_new_writer_cont
     for epoch in 1..=3 {
         let mut child = spawn_writer(&path, 0, MAX_LEN);
         next_seq = read_checked(&mut reader, next_seq, 2_000, MAX_LEN, epoch);
+        assert!(reader.is_writer_attached().expect("lock test"));
         // Kill while the reader keeps draining, so the writer is busy copying, not waiting for
         // room, when the signal lands.
         let killer = std::thread::spawn(move || {
@@ -128,6 +129,10 @@ fn a_writer_killed_mid_stream_leaves_the_reader_consistent_and_a_new_writer_cont
         }
         killer.join().expect("the killer thread");
         assert_eq!(reader.writer_epoch(), epoch);
+        assert!(
+            !reader.is_writer_attached().expect("lock test"),
+            "the dead writer's lock is gone"
+        );
     }
     // A writer that runs to its end after three killed ones: epoch 4, no gap in sequence.
     let mut child = spawn_writer(&path, 1_000, MAX_LEN);

@@ -74,10 +74,14 @@ fn a_second_live_end_of_the_same_kind_is_refused_until_the_first_is_dropped() {
             ..
         })
     ));
+    assert!(writer.is_reader_attached().expect("lock test"));
+    assert!(reader.is_writer_attached().expect("lock test"));
     drop(writer);
+    assert!(!reader.is_writer_attached().expect("lock test"));
     drop(reader);
     let writer = Writer::open(&path).expect("the lock went with the first writer");
     assert_eq!(writer.epoch(), 2);
+    assert!(!writer.is_reader_attached().expect("lock test"));
     assert_eq!(Reader::open(&path).expect("reader again").epoch(), 2);
 }
 
