@@ -3,7 +3,7 @@
 //! beyond the file is shared and nothing needs the other side's cooperation to wake up; the
 //! price is up to one sleep of latency on an idle ring (README: measured figures).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Looks that only spin (a few microseconds in all).
 const SPINS: u32 = 64;
@@ -13,6 +13,14 @@ const YIELDS: u32 = 16;
 pub(crate) const MIN_SLEEP: Duration = Duration::from_micros(50);
 /// The longest sleep: the worst added latency once a ring has been idle for a while.
 pub(crate) const MAX_SLEEP: Duration = Duration::from_millis(1);
+
+/// When a wait of `timeout` from now ends; a timeout too long for the clock (`Duration::MAX`)
+/// waits a year.
+pub(crate) fn deadline(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
 
 /// What to do before the next look.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +97,11 @@ mod tests {
         assert_eq!(pauses[81], Pause::Sleep(Duration::from_micros(100)));
         assert_eq!(pauses[85], Pause::Sleep(Duration::from_millis(1)));
         assert_eq!(pauses[199], Pause::Sleep(Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn an_endless_timeout_is_a_distant_deadline_not_a_panic() {
+        assert!(deadline(Duration::MAX) > Instant::now() + Duration::from_secs(3600));
     }
 
     #[cfg(feature = "tokio")]

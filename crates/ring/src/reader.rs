@@ -4,7 +4,7 @@ use std::fs::File;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::backoff::{Backoff, Pause};
+use crate::backoff::{deadline, Backoff, Pause};
 use crate::error::{Corruption, OpenError, RecvError, Role};
 use crate::open::{attach, is_attached};
 use crate::raw::MmapRegion;
@@ -87,7 +87,7 @@ impl Reader {
     /// The next record, waiting up to `timeout` for one: a short spin, then sleeps from 50 µs
     /// doubling to 1 ms. `None` when the time is up.
     pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<Record>, RecvError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline(timeout);
         let mut backoff = Backoff::default();
         loop {
             if let Some(record) = self.try_recv()? {

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::backoff::Backoff;
+use crate::backoff::{deadline, Backoff};
 use crate::error::{Corruption, OpenError, PushError, Role};
 use crate::open::{attach, is_attached};
 use crate::raw::MmapRegion;
@@ -63,7 +63,7 @@ impl Writer {
     /// briefly and then sleeping 50 µs to 1 ms between tries. Returns the last
     /// [`PushError::Full`] when the time is up.
     pub fn push_timeout(&mut self, payload: &[u8], timeout: Duration) -> Result<u64, PushError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline(timeout);
         let mut backoff = Backoff::default();
         loop {
             match self.producer.try_push(payload) {
