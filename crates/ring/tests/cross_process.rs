@@ -51,6 +51,34 @@ fn child_writer() {
     }
 }
 
+/// Starts this test binary as a reader child that takes `count` records and then hangs until
+/// it is killed (at most a minute).
+fn spawn_reader(path: &Path, count: u64, max_len: usize) -> Child {
+    Command::new(std::env::current_exe().expect("the test binary"))
+        .args(["--exact", "child_reader", "--nocapture", "--test-threads=1"])
+        .env(ROLE, "reader")
+        .env(PATH, path)
+        .env(COUNT, count.to_string())
+        .env(MAX_LEN, max_len.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn the reader child")
+}
+
+/// The reader child's entry point; does nothing in an ordinary test run.
+#[test]
+fn child_reader() {
+    if std::env::var(ROLE).as_deref() != Ok("reader") {
+        return;
+    }
+    let var = |name| std::env::var(name).expect("set by the parent");
+    let count: u64 = var(COUNT).parse().expect("a count");
+    let max_len: usize = var(MAX_LEN).parse().expect("a length");
+    let mut reader = Reader::open(var(PATH)).expect("the parent made the ring");
+    read_checked(&mut reader, 0, count, max_len, 1);
+    std::thread::sleep(Duration::from_secs(60));
+}
+
 /// Reads `count` records, checking each against its sequence number; returns the next seq.
 fn read_checked(
     reader: &mut Reader,
@@ -141,4 +169,38 @@ fn a_writer_killed_mid_stream_leaves_the_reader_consistent_and_a_new_writer_cont
     assert_eq!(reader.try_recv().expect("no corruption"), None);
     assert_eq!(reader.writer_epoch(), 4);
     assert!(next_seq >= 7_000);
+}
+
+#[test]
+fn a_reader_killed_after_taking_records_is_succeeded_by_one_that_resumes_after_them() {
+    const MAX_LEN: usize = 200;
+    let dir = ring_dir();
+    let path = dir.path().join("commands");
+    let mut writer = Writer::create_or_open(&path, 64 << 10).expect("ring");
+    for seq in 0..100 {
+        writer.try_push(&payload(seq, MAX_LEN)).expect("room");
+    }
+    let full = writer.free_bytes().expect("consistent");
+    let mut child = spawn_reader(&path, 40, MAX_LEN);
+    // Wait until the child has released its 40 records, then kill it where it hangs.
+    let taken: usize = (0..40)
+        .map(|seq| payload(seq, MAX_LEN).len() + pnp_ring::RECORD_HEADER_LEN)
+        .sum();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while writer.free_bytes().expect("consistent") < full + taken {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reader child did not take its records"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(writer.is_reader_attached().expect("lock test"));
+    child.kill().expect("SIGKILL the reader");
+    child.wait().expect("reap the reader");
+    assert!(!writer.is_reader_attached().expect("lock test"));
+
+    let mut reader = Reader::open(&path).expect("a new reader attaches");
+    assert_eq!((reader.epoch(), writer.reader_epoch()), (2, 2));
+    assert_eq!(read_checked(&mut reader, 40, 60, MAX_LEN, 1), 100);
+    assert_eq!(reader.try_recv().expect("no corruption"), None);
 }
