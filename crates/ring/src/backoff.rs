@@ -3,6 +3,8 @@
 //! beyond the file is shared and nothing needs the other side's cooperation to wake up; the
 //! price is up to one sleep of latency on an idle ring (README: measured figures).
 
+#![forbid(unsafe_code)]
+
 use std::time::{Duration, Instant};
 
 /// Looks that only spin (a few microseconds in all).

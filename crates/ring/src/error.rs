@@ -1,5 +1,7 @@
 //! What can go wrong: opening a ring, pushing a record, receiving one.
 
+#![forbid(unsafe_code)]
+
 use std::io;
 use std::path::PathBuf;
 

@@ -27,6 +27,8 @@
 //! All integers are little-endian in the data area; the header words are native atomics (the
 //! two processes share one machine).
 
+#![forbid(unsafe_code)]
+
 /// `"PNPRING\0"` read as a little-endian `u64`.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"PNPRING\0");
 /// The layout version this build reads and writes.

@@ -1,5 +1,7 @@
 //! The ring over loom's atomics and cells, for `tests/loom.rs` (only under `--cfg loom`).
 
+#![forbid(unsafe_code)]
+
 use std::sync::Arc;
 
 use crate::error::{PushError, RecvError};

@@ -1,6 +1,8 @@
 //! Making a ring file and attaching one end of it: create-or-open without races, header
 //! validation, and the per-end lock.
 
+#![forbid(unsafe_code)]
+
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;

@@ -1,5 +1,7 @@
 //! What the ring's index logic needs from the memory it runs in.
 
+#![forbid(unsafe_code)]
+
 use crate::layout::Word;
 use crate::sync::AtomicU64;
 

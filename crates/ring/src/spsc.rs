@@ -26,6 +26,8 @@
 //! previous writer died after finishing the record's bytes but before publishing them, and
 //! the sequence number to reuse is the one in the unpublished record's own header.
 
+#![forbid(unsafe_code)]
+
 use crate::error::{Corruption, PushError, RecvError};
 use crate::layout::{RecordHeader, Word, RECORD_HEADER_LEN};
 use crate::region::Region;

@@ -1,5 +1,7 @@
 //! The writing end of a ring file.
 
+#![forbid(unsafe_code)]
+
 use std::fs::File;
 use std::path::Path;
 use std::time::{Duration, Instant};
