@@ -42,12 +42,14 @@
 //!
 //! # Why its own ring and not iceoryx2
 //! The issue allowed either. iceoryx2 is a well-kept zero-copy IPC framework, but it brings
-//! its own service discovery, node liveness, config files and a large dependency tree, while
-//! we need one queue with crash semantics we can state in a paragraph and test by killing a
-//! process: "published means whole; a restarted end continues where the file says". This
-//! ring is about 400 lines over `memmap2`, its `unsafe` is confined to one module
-//! (`raw`, with its invariants listed there), and its index logic is model-checked with
-//! loom (`RUSTFLAGS="--cfg loom" cargo test -p pnp-ring --test loom --release`).
+//! its own model of services and nodes, its own config and shared-memory naming, typed
+//! zero-copy payloads and a larger dependency tree, while we need one byte queue per
+//! direction, in a file whose path we choose (an `emptyDir`), with crash semantics we can
+//! state in a paragraph and test by killing a process: "published means whole; a restarted
+//! end continues where the file says". This ring is about a thousand lines over `memmap2`
+//! (the index logic, `spsc.rs`, under 300), its `unsafe` is confined to one module (`raw`,
+//! with its invariants listed there), and its index logic is model-checked with loom
+//! (`RUSTFLAGS="--cfg loom" cargo test -p pnp-ring --test loom --release`).
 //!
 //! It is **not** a general IPC layer: no multiple producers or consumers, no zero-copy
 //! borrowing of shared memory (records are copied in and out), no encoding of the payload
