@@ -29,8 +29,8 @@ impl std::fmt::Display for Role {
 /// third process writing into the file, or a file that is not what its header says.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum Corruption {
-    /// The positions cannot describe a ring: the reader is ahead of the writer, or more than a
-    /// capacity behind it.
+    /// The positions cannot describe a ring: the reader is ahead of the writer, more than a
+    /// capacity behind it, or the writer is past 2^63 bytes.
     #[error("ring positions are impossible: read {read}, write {write}, capacity {capacity}")]
     Positions {
         /// The read position.
