@@ -81,8 +81,9 @@ impl Writer {
     }
 
     /// Like [`try_push`](Self::try_push), but waits for room as long as it takes (tokio
-    /// sleeps of up to 1 ms between tries). Cancel-safe: dropping the future publishes
-    /// nothing.
+    /// sleeps of up to 1 ms between tries), even with no reader attached: bound it with a
+    /// timeout or check [`is_reader_attached`](Self::is_reader_attached). Cancel-safe:
+    /// dropping the future publishes nothing.
     #[cfg(feature = "tokio")]
     pub async fn push(&mut self, payload: &[u8]) -> Result<u64, PushError> {
         let mut backoff = Backoff::default();
