@@ -20,6 +20,7 @@ mod budget;
 mod conn;
 mod control;
 mod cors;
+mod h1drain;
 mod h2server;
 mod h3quic;
 mod h3server;

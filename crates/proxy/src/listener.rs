@@ -32,6 +32,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::body::RequestBody;
 use crate::conn::{ClientReset, PeerAddr};
+use crate::h1drain::{self, Activity, Tracked};
 use crate::h2server::{self, H2Settings};
 use crate::reply::ReplyBody;
 
@@ -79,8 +80,9 @@ impl Drain {
         self.tracker.len()
     }
 
-    /// Ask every connection to finish its in-flight requests and close (HTTP/2 GOAWAY, HTTP/1.1
-    /// close after the current response), and wait until they have.
+    /// Ask every connection to finish its in-flight requests and close (HTTP/2 GOAWAY in two
+    /// steps; HTTP/1.1 `Connection: close` on the responses still to come and a close once idle,
+    /// see [`h1drain`]), and wait until they have.
     pub(crate) async fn shutdown(self) {
         self.signal.cancel();
         self.tracker.close();
@@ -389,7 +391,21 @@ async fn serve_detected<IO, S>(
     let (h2, prefix) = if alpn_h2 {
         (true, Bytes::new())
     } else {
-        match tokio::time::timeout_at(handshake_deadline, detect(&mut io)).await {
+        // A client may open a connection and send nothing on it for a while (a pool that
+        // connected ahead of need). While draining, such a connection is idle like a kept-alive
+        // one: it gets DRAIN_IDLE to start a request, then is closed (h1drain.rs).
+        let drained = async {
+            shared.drain.cancelled().await;
+            tokio::time::sleep(h1drain::DRAIN_IDLE).await;
+        };
+        let detected = tokio::select! {
+            detected = tokio::time::timeout_at(handshake_deadline, detect(&mut io)) => detected,
+            () = drained => {
+                tracing::debug!(%peer, "draining: no request on this connection; closing");
+                return;
+            }
+        };
+        match detected {
             Ok(Ok(Some(detected))) => detected,
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
@@ -429,25 +445,40 @@ async fn serve_detected<IO, S>(
         }
     } else {
         let kill = CancellationToken::new();
-        let service = tower::ServiceBuilder::new()
-            .map_request(|request: Request<Incoming>| request.map(RequestBody::Http1))
-            .service(context(Some(kill.clone())));
-        serve_h1(io, service, shared, peer, &kill).await;
+        let activity = Arc::new(Activity::default());
+        let inner = context(Some(kill.clone()));
+        let tracked = activity.clone();
+        let drain = shared.drain.clone();
+        let service = tower::service_fn(move |request: Request<Incoming>| {
+            let busy = tracked.start();
+            let call = tower::ServiceExt::oneshot(inner.clone(), request.map(RequestBody::Http1));
+            let drain = drain.clone();
+            async move {
+                let response = call.await?;
+                Ok::<_, Infallible>(h1drain::track(response, busy, drain.is_cancelled()))
+            }
+        });
+        serve_h1(io, service, shared, peer, &kill, &activity).await;
     }
 }
 
 /// Serve HTTP/1.1 until the connection closes, drains, or `kill` fires (a call whose status the
 /// client does not read: the connection carries only that call, and closing it is the reset).
+/// A draining connection closes once it has been idle for [`h1drain::DRAIN_IDLE`].
 async fn serve_h1<IO, S>(
     io: IO,
     service: S,
     shared: &Shared<impl CallService>,
     peer: SocketAddr,
     kill: &CancellationToken,
+    activity: &Activity,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: tower::Service<Request<Incoming>, Response = Response<ReplyBody>, Error = Infallible>
-        + Clone
+    S: tower::Service<
+            Request<Incoming>,
+            Response = Response<Tracked<ReplyBody>>,
+            Error = Infallible,
+        > + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
@@ -459,7 +490,9 @@ async fn serve_h1<IO, S>(
     let mut conn =
         pin!(builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service)));
     let mut draining = false;
+    let mut idle_since = tokio::time::Instant::now();
     loop {
+        let close_at = (draining && activity.is_idle()).then(|| idle_since + h1drain::DRAIN_IDLE);
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
@@ -468,8 +501,19 @@ async fn serve_h1<IO, S>(
                 return;
             }
             () = shared.drain.cancelled(), if !draining => {
-                conn.as_mut().graceful_shutdown();
                 draining = true;
+                idle_since = tokio::time::Instant::now();
+            }
+            () = activity.changed(), if draining => {
+                if activity.is_idle() {
+                    idle_since = tokio::time::Instant::now();
+                }
+            }
+            () = sleep_until(close_at) => {
+                // Idle for DRAIN_IDLE while draining: no request is in progress, so closing
+                // the connection (dropping it) is all that is left.
+                tracing::debug!(%peer, "draining HTTP/1.1 connection idle; closing");
+                return;
             }
             () = kill.cancelled() => {
                 tracing::debug!(%peer, "closing an HTTP/1.1 connection whose call ended unread");
@@ -477,6 +521,13 @@ async fn serve_h1<IO, S>(
                 return;
             }
         }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
