@@ -1407,6 +1407,31 @@ mod tests {
         assert!(config.cors.http_headers_param);
     }
 
+    /// The ConfigMaps of the Kubernetes manifests (deploy/k8s): deploy/check compares their
+    /// ports and paths with the pod; here they must parse.
+    #[test]
+    fn the_kubernetes_configs_parse() {
+        for (name, text) in [
+            ("base", include_str!("../../../deploy/k8s/base/pnp.toml")),
+            ("dev", include_str!("../../../deploy/k8s/overlays/dev/pnp.toml")),
+            ("prod", include_str!("../../../deploy/k8s/overlays/prod/pnp.toml")),
+        ] {
+            let config =
+                Config::from_toml(text).unwrap_or_else(|e| panic!("the {name} pnp.toml: {e}"));
+            assert_eq!(config.admin.map(|a| a.port()), Some(9901), "{name}");
+            assert_eq!(
+                config.control.link_dir.as_deref(),
+                Some(std::path::Path::new("/link")),
+                "{name}"
+            );
+            assert_eq!(config.shutdown.grace_period, Duration::from_secs(30), "{name}");
+            assert!(config.resilience.peer_available, "{name}");
+            if name == "prod" {
+                assert!(config.listener.tls.is_some() && config.listener.h3.is_some());
+            }
+        }
+    }
+
     #[test]
     fn an_h3_listener_with_tls_and_an_h3_upstream() {
         let config = Config::from_toml(

@@ -19,6 +19,9 @@ const ISSUE_4_SERIES: &[&str] = &[
 const ISSUE_4_LABELS: &[&str] = &["method", "job", "reason", "upstream"];
 /// Labels Prometheus adds itself: target labels and histogram buckets.
 const PROMETHEUS_LABELS: &[&str] = &["le", "instance", "job"];
+/// Target labels of a scrape in Kubernetes (the PodMonitor, deploy/k8s/prometheus/
+/// kubernetes-pods.yml), which prometheus-adapter maps to resources.
+const KUBERNETES_LABELS: &[&str] = &["namespace", "pod"];
 
 fn deploy_file(path: &str) -> String {
     let full = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -312,4 +315,58 @@ fn the_dashboard_reads_only_exported_series() {
     let exprs: Vec<_> = exprs.iter().map(|e| grafana_query(e)).collect();
     let problems = check("pnp-dashboard.json", &exprs, &rules().recorded);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn the_autoscaler_reads_only_exported_series() {
+    let values: serde_yaml::Value =
+        serde_yaml::from_str(&deploy_file("k8s/prometheus-adapter/values.yaml"))
+            .expect("the adapter values are YAML");
+    let mut exprs = Vec::new();
+    let mut served = BTreeSet::new();
+    for rule in values["rules"]["custom"]
+        .as_sequence()
+        .expect("rules.custom")
+    {
+        let series_query = rule["seriesQuery"].as_str().expect("seriesQuery");
+        let series = series_query.split('{').next().expect("a series name");
+        exprs.push(series_query.to_owned());
+        // The query as the adapter runs it for the pods of one namespace.
+        exprs.push(
+            rule["metricsQuery"]
+                .as_str()
+                .expect("metricsQuery")
+                .replace("<<.Series>>", series)
+                .replace("<<.LabelMatchers>>", r#"namespace="pnp",pod=~"pnp-.*""#)
+                .replace("<<.GroupBy>>", "pod"),
+        );
+        served.insert(rule["name"]["as"].as_str().expect("name.as").to_owned());
+    }
+    let problems: Vec<_> = check("prometheus-adapter/values.yaml", &exprs, &BTreeSet::new())
+        .into_iter()
+        .filter(|p| {
+            !KUBERNETES_LABELS
+                .iter()
+                .any(|l| p.contains(&format!("unknown label {l} ")))
+        })
+        .collect();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+
+    // Every custom metric the HPA scales on is one the adapter serves.
+    let hpa: serde_yaml::Value =
+        serde_yaml::from_str(&deploy_file("k8s/base/horizontalpodautoscaler.yaml"))
+            .expect("the HPA is YAML");
+    let mut wanted = Vec::new();
+    for metric in hpa["spec"]["metrics"].as_sequence().expect("metrics") {
+        if let Some(name) = metric["pods"]["metric"]["name"].as_str() {
+            wanted.push(name.to_owned());
+        }
+    }
+    assert_eq!(wanted, ["pnp_active_streams", "pnp_queue_depth"]);
+    for name in &wanted {
+        assert!(
+            served.contains(name),
+            "the adapter does not serve {name}: {served:?}"
+        );
+    }
 }
