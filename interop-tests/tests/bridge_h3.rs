@@ -160,6 +160,20 @@ async fn h3_client(
     quinn::Endpoint,
     h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
 ) {
+    h3_connect(addr, ca).await.expect("an HTTP/3 connection")
+}
+
+/// [`h3_client`], or why the connection could not be made.
+async fn h3_connect(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+) -> Result<
+    (
+        quinn::Endpoint,
+        h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    ),
+    String,
+> {
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(ca).expect("CA");
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
@@ -178,16 +192,85 @@ async fn h3_client(
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     let conn = endpoint
         .connect(addr, "localhost")
-        .expect("connect")
+        .map_err(|e| format!("connect: {e}"))?
         .await
-        .expect("QUIC handshake");
+        .map_err(|e| format!("QUIC handshake: {e}"))?;
     let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn))
         .await
-        .expect("HTTP/3 setup");
+        .map_err(|e| format!("HTTP/3 setup: {e}"))?;
     tokio::spawn(async move {
         let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
     });
-    (endpoint, send)
+    Ok((endpoint, send))
+}
+
+/// `listener.max_connections` counts TCP and QUIC connections together: with the one slot
+/// taken by a TCP connection a QUIC connection is refused, and once it is free a QUIC
+/// connection gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_and_quic_connections_share_one_connection_limit() {
+    let upstream = DemoUpstream::start(loopback())
+        .await
+        .expect("demo upstream");
+    let certs = dev_certs();
+    let cluster = cluster(upstream_url(upstream.local_addr()), &certs, |config| {
+        config.listener.max_connections = 1;
+        config.listener.connection_wait = Duration::from_millis(100);
+    })
+    .await;
+    let h3_addr = cluster.local_h3_addr().expect("h3");
+    let tcp = tokio::net::TcpStream::connect(cluster.local_addr())
+        .await
+        .expect("tcp");
+    // The TCP connection holds the slot (from its accept on, through its TLS handshake).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = h3_connect(h3_addr, &certs.ca).await;
+    assert!(
+        refused.is_err(),
+        "a QUIC connection over the shared limit was accepted"
+    );
+    drop(tcp);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (_endpoint, mut send) = loop {
+        match h3_connect(h3_addr, &certs.ca).await {
+            Ok(connected) => break connected,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "the freed slot never served QUIC: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // And now the QUIC connection holds it: a TCP connection is closed unserved.
+    let request = http::Request::post(format!(
+        "https://localhost:{}{}",
+        h3_addr.port(),
+        "/grpc.testing.TestService/EmptyCall"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .expect("request");
+    let mut stream = send.send_request(request).await.expect("request over h3");
+    stream.send_data(frame(&[])).await.expect("body");
+    stream.finish().await.expect("finish");
+    let response = stream.recv_response().await.expect("response");
+    assert_eq!(response.status(), 200);
+    let mut over = tokio::net::TcpStream::connect(cluster.local_addr())
+        .await
+        .expect("the kernel accepts");
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut over, &mut buf),
+    )
+    .await
+    .expect("closed in time");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    cluster
+        .shutdown_with_grace(Duration::from_millis(100))
+        .await;
+    upstream.shutdown().await;
 }
 
 fn frame(message: &[u8]) -> Bytes {

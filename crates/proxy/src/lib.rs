@@ -247,6 +247,9 @@ impl Proxy {
             .layer(cors::layer(&config.cors))
             .service(ingress);
 
+        // One limit on client connections, whichever listener (TCP or QUIC) they arrive on.
+        let connection_slots =
+            Arc::new(tokio::sync::Semaphore::new(config.listener.max_connections));
         // HTTP/3 beside TCP: QUIC has no plaintext, so it needs the listener's certificate.
         let h3 = match (&config.listener.h3, &config.listener.tls) {
             (None, _) => None,
@@ -273,6 +276,7 @@ impl Proxy {
                     service.clone(),
                     stop_accepting.clone(),
                     settings,
+                    connection_slots.clone(),
                     metrics.clone(),
                 ));
                 Some((addr, H3Listener { accept, endpoint }))
@@ -312,6 +316,7 @@ impl Proxy {
             stop_accepting.clone(),
             header_clock,
             listener::Settings::from_config(&config.listener),
+            connection_slots,
             metrics.clone(),
         ));
 

@@ -263,6 +263,7 @@ pub(crate) async fn serve<S: CallService>(
     stop: CancellationToken,
     header_clock: Arc<HeaderClock>,
     settings: Settings,
+    slots: Arc<Semaphore>,
     metrics: Metrics,
 ) -> Drain {
     let tracker = TaskTracker::new();
@@ -270,7 +271,7 @@ pub(crate) async fn serve<S: CallService>(
         service,
         tls,
         header_clock,
-        slots: Arc::new(Semaphore::new(settings.max_connections)),
+        slots,
         settings,
         metrics,
         drain: CancellationToken::new(),
