@@ -256,6 +256,7 @@ struct Shared<S> {
     drain: CancellationToken,
 }
 
+#[allow(clippy::too_many_arguments)] // each is one of the listener's parts
 pub(crate) async fn serve<S: CallService>(
     tcp: TcpListener,
     tls: Option<TlsAcceptor>,
