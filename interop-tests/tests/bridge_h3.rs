@@ -21,7 +21,7 @@ use pnp_interop_tests::interop::*;
 use pnp_interop_tests::stack::upstream_url;
 use pnp_interop_tests::{Mode, RawClient};
 use support::bridge::{pair, Hop};
-use support::h3::{cluster, dev_certs, edge, loopback};
+use support::h3::{cluster, dev_certs, edge, h3_client, h3_connect, loopback};
 use tokio::net::UdpSocket;
 
 /// A UDP relay between the edge and the cluster that can start dropping every datagram, as a
@@ -150,58 +150,6 @@ async fn a_quic_peer_that_vanishes_mid_stream_is_unavailable_within_the_keepaliv
         .shutdown_with_grace(Duration::from_millis(100))
         .await;
     upstream.shutdown().await;
-}
-
-/// An HTTP/3 client of the cluster's listener: quinn + h3, trusting the test CA.
-async fn h3_client(
-    addr: SocketAddr,
-    ca: &std::path::Path,
-) -> (
-    quinn::Endpoint,
-    h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
-) {
-    h3_connect(addr, ca).await.expect("an HTTP/3 connection")
-}
-
-/// [`h3_client`], or why the connection could not be made.
-async fn h3_connect(
-    addr: SocketAddr,
-    ca: &std::path::Path,
-) -> Result<
-    (
-        quinn::Endpoint,
-        h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
-    ),
-    String,
-> {
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(ca).expect("CA");
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(cert.expect("cert")).expect("root");
-    }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .expect("TLS 1.3")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h3".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS");
-    let mut endpoint = quinn::Endpoint::client(loopback()).expect("client endpoint");
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let conn = endpoint
-        .connect(addr, "localhost")
-        .map_err(|e| format!("connect: {e}"))?
-        .await
-        .map_err(|e| format!("QUIC handshake: {e}"))?;
-    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn))
-        .await
-        .map_err(|e| format!("HTTP/3 setup: {e}"))?;
-    tokio::spawn(async move {
-        let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
-    });
-    Ok((endpoint, send))
 }
 
 /// `listener.max_connections` counts TCP and QUIC connections together: with the one slot
