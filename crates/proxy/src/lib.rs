@@ -17,6 +17,7 @@ mod admin;
 mod admission;
 mod body;
 mod budget;
+mod callserver;
 mod conn;
 mod control;
 mod cors;
@@ -100,6 +101,8 @@ pub struct Proxy {
     admin: Option<JoinHandle<()>>,
     inner: Arc<ingress::Inner>,
     drain: tokio::sync::watch::Receiver<Option<Duration>>,
+    /// The service every listener serves, for calls that arrive decoded.
+    call_service: callserver::CallService,
 }
 
 /// How often the data plane sends its counters to the control plane.
@@ -297,6 +300,8 @@ impl Proxy {
             })
             .service(service);
 
+        let call_service = callserver::CallService::new(service.clone());
+
         let tcp = listener::bind(config.listener.addr)
             .map_err(io_err(format!("binding {}", config.listener.addr)))?;
         let local_addr = tcp
@@ -355,6 +360,7 @@ impl Proxy {
             admin,
             inner,
             drain: drain_rx,
+            call_service,
         })
     }
 
@@ -384,6 +390,13 @@ impl Proxy {
     /// in force stays). Sections that need a restart are reported in the diff, not applied.
     pub fn apply_config(&self, toml: &str, dry_run: bool) -> Result<ConfigChange, String> {
         self.inner.apply_config(toml, dry_run)
+    }
+
+    /// Serve one call that arrived already decoded (from a peer pnp over UCX) from `peer`,
+    /// through everything an HTTP request goes through (profile, admission, clocks,
+    /// negotiation, retries, metrics); its reply as the call model has it.
+    pub async fn serve_call(&self, call: pnp_call::Call, peer: SocketAddr) -> pnp_call::Reply {
+        callserver::serve_call(self.call_service.clone(), call, peer).await
     }
 
     /// Resolves when the control plane asks for a drain, with the grace it gave.
