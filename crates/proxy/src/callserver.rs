@@ -26,7 +26,7 @@ pub(crate) async fn serve_call(mut service: CallService, call: Call, peer: Socke
     let max = call.head.max_message_size;
     let request = match request(call, peer) {
         Ok(request) => request,
-        Err(status) => return Reply::TrailersOnly(status),
+        Err(status) => return Reply::TrailersOnly(*status),
     };
     let response = match tower::ServiceExt::ready(&mut service).await {
         Ok(service) => match tower::Service::call(service, request).await {
@@ -39,9 +39,9 @@ pub(crate) async fn serve_call(mut service: CallService, call: Call, peer: Socke
 }
 
 /// The native gRPC request that carries `call`.
-fn request(call: Call, peer: SocketAddr) -> Result<Request<RequestBody>, Status> {
+fn request(call: Call, peer: SocketAddr) -> Result<Request<RequestBody>, Box<Status>> {
     let Call { head, messages } = call;
-    let invalid = |what: &str| Status::new(Code::Internal, format!("pnp: {what}"));
+    let invalid = |what: &str| Box::new(Status::new(Code::Internal, format!("pnp: {what}")));
     let mut request = Request::post(head.path.as_str())
         .body(RequestBody::Parts(PartFrames::new(messages)))
         .map_err(|e| invalid(&format!("a call to {} is no request: {e}", head.path)))?;
