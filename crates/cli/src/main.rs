@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod certs;
+mod control;
+mod ctl;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -49,6 +51,10 @@ enum Command {
     /// Make certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Run the control plane: the mTLS control API over the link to a data plane.
+    Control(control::ControlArgs),
+    /// Talk to the control API (`pnp control`).
+    Ctl(ctl::CtlArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -142,6 +148,8 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
+            Command::Control(args) => control::run(args).await,
+            Command::Ctl(args) => ctl::run(args).await,
         }
     })
 }
