@@ -313,7 +313,7 @@ fn table(rows: &[Vec<String>]) -> String {
 
 fn render_jobs(reply: &proto::ListJobsResponse) -> String {
     let mut out = String::new();
-    let data_plane = reply.data_plane.clone().unwrap_or_default();
+    let data_plane = reply.data_plane.unwrap_or_default();
     if !data_plane.attached {
         out.push_str("data plane: not attached\n");
     } else {
