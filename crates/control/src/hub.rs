@@ -26,8 +26,8 @@ use crate::freeze::{FreezeLoop, FreezeRule, Trip, WindowCounts};
 const EVENTS_PER_TURN: usize = 256;
 /// How often attachment, restarts, abandoned waiters and overdue freezes are checked.
 const HOUSEKEEPING: Duration = Duration::from_millis(200);
-/// How long after a freeze's ack the data plane's `JobFrozen` is waited for before the snapshot
-/// is written without the recent calls.
+/// How long after a freeze was sent the data plane's `JobFrozen` is waited for before the
+/// snapshot is written without the recent calls.
 const JOB_FROZEN_WAIT: Duration = Duration::from_secs(10);
 /// Events kept for a slow subscriber before it misses some.
 const BROADCAST_CAPACITY: usize = 4096;
@@ -303,8 +303,10 @@ struct PendingFreeze {
     trip: Trip,
     reason: String,
     seq: Option<u64>,
-    /// When its ack came (the JobFrozen is waited for from then on).
-    acked: Option<Instant>,
+    /// When the freeze was sent.
+    sent: Instant,
+    /// Whether the data plane acknowledged it.
+    acked: bool,
 }
 
 struct Worker {
@@ -458,18 +460,21 @@ impl Worker {
         self.state.table().attached = attached;
         // Callers that gave up (timed out) no longer wait.
         self.waiters.retain(|_, reply| !reply.is_closed());
-        // Freezes acknowledged long ago whose JobFrozen never came: snapshot what is known.
+        // Freezes sent long ago whose JobFrozen never came: snapshot what is known.
         let overdue: Vec<String> = self
             .pending_freezes
             .iter()
-            .filter(|(_, p)| p.acked.is_some_and(|at| at.elapsed() >= JOB_FROZEN_WAIT))
+            .filter(|(_, p)| p.sent.elapsed() >= JOB_FROZEN_WAIT)
             .map(|(job, _)| job.clone())
             .collect();
         for job in overdue {
             if let Some(pending) = self.pending_freezes.remove(&job) {
                 let mut snapshot = self.snapshot_of(&job, &pending.reason, Some(&pending));
-                snapshot.note =
-                    Some("the data plane sent no recent calls (no job_frozen event)".into());
+                snapshot.note = Some(if pending.acked {
+                    "the data plane acknowledged the freeze but sent no recent calls (no job_frozen event)".into()
+                } else {
+                    "the data plane did not acknowledge the freeze".into()
+                });
                 self.write_snapshot(snapshot);
             }
         }
@@ -550,7 +555,7 @@ impl Worker {
             Some(Internal::Freeze { job }) => {
                 if ok {
                     if let Some(pending) = self.pending_freezes.get_mut(&job) {
-                        pending.acked = Some(Instant::now());
+                        pending.acked = true;
                     }
                 } else {
                     tracing::error!(%job, %message, "the data plane refused the freeze");
@@ -619,7 +624,8 @@ impl Worker {
                         trip,
                         reason,
                         seq,
-                        acked: None,
+                        sent: Instant::now(),
+                        acked: false,
                     },
                 );
             }

@@ -241,11 +241,13 @@ impl ControlPlane {
         let _ = self.stop.send(true);
         self.acceptor.abort();
         // WatchEvents streams never end by themselves: give the server a moment, then stop it.
-        if tokio::time::timeout(Duration::from_secs(2), self.server)
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(2), &mut server)
             .await
             .is_err()
         {
             tracing::debug!("control API server stopped with streams open");
+            server.abort();
         }
         let hub = self.hub.clone();
         let _ = tokio::task::spawn_blocking(move || hub.shutdown()).await;

@@ -106,6 +106,8 @@ pub(crate) struct FakeState {
 pub(crate) struct FakeDataPlane {
     pub(crate) state: Arc<Mutex<FakeState>>,
     pub(crate) emitted: Arc<AtomicU64>,
+    /// Events the data side dropped because the events ring was full.
+    pub(crate) dropped: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -139,13 +141,16 @@ impl FakeDataPlane {
         let state = Arc::new(Mutex::new(state));
         let stop = Arc::new(AtomicBool::new(false));
         let emitted = Arc::new(AtomicU64::new(0));
+        let dropped = Arc::new(AtomicU64::new(0));
         let thread = {
-            let (state, stop, emitted) = (state.clone(), stop.clone(), emitted.clone());
-            std::thread::spawn(move || run(side, &state, &stop, &emitted))
+            let (state, stop) = (state.clone(), stop.clone());
+            let (emitted, dropped) = (emitted.clone(), dropped.clone());
+            std::thread::spawn(move || run(side, &state, &stop, &emitted, &dropped))
         };
         FakeDataPlane {
             state,
             emitted,
+            dropped,
             stop,
             thread: Some(thread),
         }
@@ -197,17 +202,31 @@ fn recent(job: &str) -> Vec<CallRecord> {
         .collect()
 }
 
-fn run(mut side: DataSide, state: &Mutex<FakeState>, stop: &AtomicBool, emitted: &AtomicU64) {
+fn run(
+    mut side: DataSide,
+    state: &Mutex<FakeState>,
+    stop: &AtomicBool,
+    emitted: &AtomicU64,
+    dropped: &AtomicU64,
+) {
     let mut last_stats = Instant::now();
     while !stop.load(Ordering::Acquire) {
-        let command = side
-            .command_timeout(Duration::from_millis(2))
-            .expect("commands ring");
+        let flooding = state.lock().expect("state").flood;
+        let command = if flooding {
+            side.try_command()
+        } else {
+            side.command_timeout(Duration::from_millis(2))
+        }
+        .expect("commands ring");
         let mut state = state.lock().expect("state");
         if let Some(envelope) = command {
             state.commands.push(envelope.clone());
             if !state.silent {
-                for event in answer(&mut state, envelope) {
+                // The command's events first, then its ack (the contract: when the caller
+                // hears the ack, the control plane's job table already shows the effect).
+                let mut events = answer(&mut state, envelope);
+                events.rotate_left(1);
+                for event in events {
                     emit_reliably(&mut side, &event);
                 }
             }
@@ -237,6 +256,7 @@ fn run(mut side: DataSide, state: &Mutex<FakeState>, stop: &AtomicBool, emitted:
                 });
                 emitted.fetch_add(1, Ordering::Relaxed);
             }
+            dropped.store(side.dropped_events(), Ordering::Relaxed);
         }
     }
 }
@@ -269,7 +289,8 @@ fn unknown(seq: u64, job: &str) -> Vec<Event> {
     )]
 }
 
-/// What the data plane answers to each command (the contract in the crate README).
+/// What the data plane answers to each command (the contract in the crate README): the ack
+/// first in this list, then the events it causes (sent in the other order).
 fn answer(state: &mut FakeState, envelope: CommandEnvelope) -> Vec<Event> {
     let seq = envelope.seq;
     match envelope.command {
