@@ -226,6 +226,32 @@ fn pnp_ctl_drives_a_data_plane_through_pnp_control() {
     let row = jobs.lines().nth(2).expect("row");
     assert!(row.starts_with("chat  running  1200"), "{jobs}");
 
+    // `pnp ctl events` streams until interrupted; start it before the pause to see it.
+    let mut events = Command::new(env!("CARGO_BIN_EXE_pnp"))
+        .args(["ctl", "--addr", addr.as_str(), "events", "--stats"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn pnp ctl events");
+    let stdout = events.stdout.take().expect("stdout");
+    let events = Running { child: events };
+    let (seen, lines_seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if seen.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // Subscribed once the periodic stats show up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lines_seen
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        .expect("pnp ctl events --stats prints stats")
+        .contains(" stats ")
+    {}
+
     let out = ctl(&["pause", "chat", "--end-in-flight"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
@@ -233,6 +259,23 @@ fn pnp_ctl_drives_a_data_plane_through_pnp_control() {
         "{}",
         text(&out.stdout)
     );
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let job_mode = loop {
+        let line = lines_seen
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("pnp ctl events prints the job_mode event");
+        if line.contains("job_mode") {
+            break line;
+        }
+    };
+    assert!(
+        job_mode.contains(
+            r#"data    job_mode             {"job":"chat","mode":"paused","reason":"operator"}"#
+        ),
+        "{job_mode}"
+    );
+    drop(events);
 
     std::fs::write(dir.path().join("new.toml"), "[listener]\n").expect("config");
     let out = ctl(&["apply", "new.toml", "--dry-run"]);

@@ -130,4 +130,18 @@ async fn a_failing_job_is_frozen_once_with_a_snapshot_and_a_healthy_one_is_not()
     );
     let failing = jobs.iter().find(|j| j.name == "failing").expect("failing");
     assert_eq!(failing.mode(), proto::JobMode::Frozen);
+
+    // Resumed while its upstream still fails: only what comes after the resume counts, and
+    // that trips the rule again: a second freeze, a second snapshot.
+    client
+        .resume_job(proto::ResumeJobRequest {
+            job: "failing".into(),
+        })
+        .await
+        .expect("resume");
+    assert!(eventually(Duration::from_secs(10), || freezes().len() == 2).await);
+    assert!(eventually(Duration::from_secs(5), || files().len() == 2).await);
+    assert!(freezes()
+        .iter()
+        .all(|c| matches!(c, Command::FreezeJob { job, .. } if job == "failing")));
 }
