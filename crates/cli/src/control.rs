@@ -15,7 +15,7 @@ pub(crate) struct ControlArgs {
     #[arg(long)]
     link_dir: PathBuf,
     /// Where the control API (gRPC and gRPC-Web over mTLS) listens.
-    #[arg(long, default_value = "127.0.0.1:9902")]
+    #[arg(long, default_value = "127.0.0.1:9444")]
     listen: SocketAddr,
     /// PEM certificate chain of the control API (e.g. dev-certs/server.pem).
     #[arg(long)]

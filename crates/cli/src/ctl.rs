@@ -11,8 +11,8 @@ use tonic::transport::Channel;
 /// `pnp ctl` arguments.
 #[derive(clap::Args, Debug)]
 pub(crate) struct CtlArgs {
-    /// The control API (`pnp control --listen`), host:port.
-    #[arg(long, env = "PNP_CTL_ADDR", default_value = "127.0.0.1:9902")]
+    /// The control API (`pnp control --listen`, `pnp serve --control-listen`), host:port.
+    #[arg(long, env = "PNP_CTL_ADDR", default_value = "127.0.0.1:9444")]
     addr: String,
     /// PEM CA that signed the control API's certificate.
     #[arg(long, env = "PNP_CTL_CA", default_value = "dev-certs/ca.pem")]
@@ -253,7 +253,12 @@ fn render_detail(json: &str) -> String {
     let Ok(value) = serde_json::from_str::<serde_json::Value>(json) else {
         return format!("{json}\n");
     };
-    if let Some(changes) = value.get("changes").and_then(|c| c.as_array()) {
+    // A config diff: `diff` (or `changes`), one line each.
+    let lines = value
+        .get("diff")
+        .or_else(|| value.get("changes"))
+        .and_then(|c| c.as_array());
+    if let Some(changes) = lines {
         if changes.is_empty() {
             return "  no changes\n".to_owned();
         }
@@ -389,8 +394,12 @@ fn render_snapshot(json: &str) -> String {
     let Some(recent) = value.get("recent").and_then(|r| r.as_array()) else {
         return render_detail(json);
     };
+    let mut out = String::new();
+    if let Some(mode) = value.get("mode").and_then(|m| m.as_str()) {
+        out.push_str(&format!("mode: {mode}\n"));
+    }
     if recent.is_empty() {
-        return "no recent calls\n".to_owned();
+        out.push_str("no recent calls\n");
     }
     let mut rows = vec![
         ["TIME (UTC)", "METHOD", "CODE", "TRANSPORT", "MS", "MESSAGE"]
@@ -418,7 +427,23 @@ fn render_snapshot(json: &str) -> String {
             text("message"),
         ]);
     }
-    table(&rows)
+    if rows.len() > 1 {
+        out.push_str(&table(&rows));
+    }
+    let history = value
+        .get("transport_history")
+        .and_then(|h| h.as_array())
+        .filter(|h| !h.is_empty());
+    if let Some(history) = history {
+        out.push_str("transport history:\n");
+        for switch in history {
+            let line = switch
+                .as_str()
+                .map_or_else(|| switch.to_string(), str::to_owned);
+            out.push_str(&format!("  {line}\n"));
+        }
+    }
+    out
 }
 
 /// `HH:MM:SS.mmm` (UTC) of a Unix time in milliseconds.
@@ -507,6 +532,14 @@ mod tests {
             render_detail(r#"{"version":2,"changes":["a","b"]}"#),
             "  a\n  b\n"
         );
+        assert_eq!(
+            render_detail(r#"{"version":2,"diff":["~ profile chat"]}"#),
+            "  ~ profile chat\n"
+        );
+        assert_eq!(
+            render_detail(r#"{"version":2,"diff":[]}"#),
+            "  no changes\n"
+        );
         assert_eq!(render_detail(r#""text""#), "text\n");
         assert_eq!(render_detail(""), "");
         assert_eq!(render_detail(r#"{"k":1}"#), "{\n  \"k\": 1\n}\n");
@@ -516,6 +549,13 @@ mod tests {
     fn snapshots_and_events_render_readably() {
         let snapshot = r#"{"job":"chat","recent":[{"at_unix_ms":3723004,"method":"/a.B/C","code":14,"message":"reset","transport":"h2","duration_ms":12.5}]}"#;
         let text = render_snapshot(snapshot);
+        assert!(!text.contains("transport history"), "{text}");
+        let with_history =
+            r#"{"mode":"frozen","recent":[],"transport_history":["h3 -> h2 (failure_streak)"]}"#;
+        assert_eq!(
+            render_snapshot(with_history),
+            "mode: frozen\nno recent calls\ntransport history:\n  h3 -> h2 (failure_streak)\n"
+        );
         assert!(
             text.contains("01:02:03.004  /a.B/C  14    h2         12.5  reset"),
             "{text}"

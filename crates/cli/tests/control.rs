@@ -101,7 +101,7 @@ fn stand_in(link: &Path) -> StandIn {
                             true,
                             "dry run: 1 change".to_owned(),
                             Some(
-                                serde_json::json!({"changes": ["profile chat: idle_timeout 30s -> 60s"]}),
+                                serde_json::json!({"version": 1, "diff": ["~ profile chat"]}),
                             ),
                         ),
                         LinkCommand::OverrideTransport { job, .. } if job == "chat" => {
@@ -281,7 +281,7 @@ fn pnp_ctl_drives_a_data_plane_through_pnp_control() {
     let out = ctl(&["apply", "new.toml", "--dry-run"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
-        text(&out.stdout).contains("dry run: 1 change\n  profile chat: idle_timeout 30s -> 60s"),
+        text(&out.stdout).contains("dry run: 1 change\n  ~ profile chat\n"),
         "{}",
         text(&out.stdout)
     );

@@ -51,7 +51,7 @@ async fn every_rpc_round_trips_through_the_rings() {
     assert!(applied.dry_run);
     assert_eq!(applied.message, "dry run: 1 change");
     let diff: serde_json::Value = serde_json::from_str(&applied.diff_json).expect("diff json");
-    assert_eq!(diff["changes"][0], "profile chat: idle_timeout 30s -> 60s");
+    assert_eq!(diff["diff"][0], "~ profile chat");
     let applied = client
         .apply_config(proto::ApplyConfigRequest {
             toml: "[listener]\n".into(),

@@ -305,7 +305,7 @@ fn answer(state: &mut FakeState, envelope: CommandEnvelope) -> Vec<Event> {
             }
             let detail = serde_json::json!({
                 "version": 2,
-                "changes": ["profile chat: idle_timeout 30s -> 60s"],
+                "diff": ["~ profile chat"],
             });
             if dry_run {
                 vec![ack(seq, true, "dry run: 1 change", Some(detail))]
