@@ -100,9 +100,7 @@ fn stand_in(link: &Path) -> StandIn {
                         LinkCommand::ApplyConfig { dry_run: true, .. } => (
                             true,
                             "dry run: 1 change".to_owned(),
-                            Some(
-                                serde_json::json!({"version": 1, "diff": ["~ profile chat"]}),
-                            ),
+                            Some(serde_json::json!({"version": 1, "diff": ["~ profile chat"]})),
                         ),
                         LinkCommand::OverrideTransport { job, .. } if job == "chat" => {
                             (true, "job chat: transports overridden".to_owned(), None)
