@@ -9,6 +9,7 @@ use std::time::Duration;
 mod certs;
 mod control;
 mod ctl;
+mod planes;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -39,8 +40,13 @@ enum LogFormat {
 #[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the proxy. With no arguments: 127.0.0.1:8080 in front of the built-in demo upstreams,
-    /// admin on 127.0.0.1:9901.
+    /// admin on 127.0.0.1:9901. With --control-certs DIR, also the control plane (`pnp
+    /// control`, mTLS gRPC on --control-listen) as a second process, linked by shared-memory
+    /// rings.
     Serve(ServeArgs),
+    /// Run only the data plane (one role of `pnp serve`): like `serve`, but never starts a
+    /// control plane; with --link-dir, a control plane started apart (`pnp control`) steers it.
+    Data(ServeArgs),
     /// Run only the built-in demo upstreams (gRPC interop TestService and demo.llm.v1.Generator)
     /// as a plain gRPC server over h2c.
     Demo {
@@ -111,6 +117,17 @@ struct ServeArgs {
     /// Longest wait for the first response message (default profile), e.g. 30s, or `off`.
     #[arg(long, value_parser = optional_duration)]
     first_message_timeout: Option<OptionalDuration>,
+    /// Directory of the shared-memory rings to the control plane (`[control] link_dir`);
+    /// `serve --control-certs` picks one in /dev/shm when not given.
+    #[arg(long)]
+    link_dir: Option<PathBuf>,
+    /// `serve` only: also run the control plane, with the mTLS certificates in DIR (the layout
+    /// of `pnp certs dev`: server.pem, server-key.pem, ca.pem).
+    #[arg(long)]
+    control_certs: Option<PathBuf>,
+    /// `serve` only: the control plane's API address.
+    #[arg(long, default_value = "127.0.0.1:9444")]
+    control_listen: SocketAddr,
 }
 
 /// A duration flag that also takes `off`.
@@ -140,7 +157,8 @@ fn main() -> anyhow::Result<()> {
         .context("starting the tokio runtime")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(args, true).await,
+            Command::Data(args) => serve(args, false).await,
             Command::Demo { listen } => demo(listen).await,
             Command::Certs(CertsCommand::Dev { dir }) => {
                 for path in certs::write_dev(&dir)? {
@@ -162,12 +180,17 @@ fn init_tracing(format: LogFormat) -> pnp_telemetry::TracingGuard {
     pnp_telemetry::init_tracing_with(pnp_telemetry::TracingOptions::new(format, "info"))
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, with_control: bool) -> anyhow::Result<()> {
+    let source = match &args.config {
+        Some(path) => Some(
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        ),
+        None => None,
+    };
     let mut config = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            Config::from_toml(&text).with_context(|| format!("in {}", path.display()))?
+            let text = source.as_deref().unwrap_or_default();
+            Config::from_toml(text).with_context(|| format!("in {}", path.display()))?
         }
         None => Config::demo(),
     };
@@ -225,6 +248,34 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         profile.first_message_explicit = true;
     }
 
+    let control = match (&args.control_certs, with_control) {
+        (Some(certs), true) => {
+            let link_dir = config
+                .control
+                .link_dir
+                .clone()
+                .or_else(|| args.link_dir.clone())
+                .unwrap_or_else(planes::default_link_dir);
+            std::fs::create_dir_all(&link_dir)
+                .with_context(|| format!("creating the link directory {}", link_dir.display()))?;
+            Some(planes::ControlChild {
+                link_dir,
+                listen: args.control_listen,
+                certs: certs.clone(),
+            })
+        }
+        (Some(_), false) => anyhow::bail!(
+            "--control-certs is for `pnp serve`; `pnp data` runs the data plane alone"
+        ),
+        (None, _) => None,
+    };
+    if let Some(dir) = &args.link_dir {
+        config.control.link_dir = Some(dir.clone());
+    }
+    if let Some(control) = &control {
+        config.control.link_dir = Some(control.link_dir.clone());
+    }
+
     // The demo upstreams run in this process on a loopback port the OS picks.
     let demo = match config.upstream.target {
         UpstreamTarget::Demo => {
@@ -255,9 +306,37 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(h3) = proxy.local_h3_addr() {
         eprintln!("pnp listening for HTTP/3 on {h3} (UDP)");
     }
-    shutdown_signal().await;
-    tracing::info!("signal received: stopping");
-    proxy.shutdown().await;
+    let stop_control = tokio_util::sync::CancellationToken::new();
+    let supervisor = control.map(|control| {
+        eprintln!(
+            "pnp control plane on https://{} (mTLS), linked through {}",
+            control.listen,
+            control.link_dir.display()
+        );
+        control.supervise(stop_control.clone())
+    });
+    let reload = async {
+        match &args.config {
+            Some(path) => planes::reload_on_sighup(&proxy, path).await,
+            None => std::future::pending().await,
+        }
+    };
+    let grace = tokio::select! {
+        () = shutdown_signal() => {
+            tracing::info!("signal received: stopping");
+            None
+        }
+        grace = proxy.drain_requested() => Some(grace),
+        () = reload => None,
+    };
+    match grace {
+        Some(grace) => proxy.shutdown_with_grace(grace).await,
+        None => proxy.shutdown().await,
+    }
+    stop_control.cancel();
+    if let Some(supervisor) = supervisor {
+        let _ = supervisor.await;
+    }
     if let Some(demo) = demo {
         demo.shutdown().await;
     }

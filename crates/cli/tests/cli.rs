@@ -192,3 +192,87 @@ fn a_tls_listener_is_announced_as_https() {
         "{announced}"
     );
 }
+
+/// The Generate call of the demo test, as an HTTP/1.1 gRPC-Web request whose message is
+/// `padding` bytes longer (an unknown field the upstream skips).
+fn generate_request(padding: usize) -> Vec<u8> {
+    let mut message = vec![
+        0x0a, 0x02, b'h', b'i', 0x10, 0x02, 0x18, 0x07, 0x2d, 0x0a, 0xd7, 0x23, 0x3c,
+    ];
+    if padding > 0 {
+        // Field 15, length-delimited: skipped by the upstream.
+        message.push(0x7a);
+        let mut len = padding;
+        while len >= 0x80 {
+            message.push((len as u8 & 0x7f) | 0x80);
+            len >>= 7;
+        }
+        message.push(len as u8);
+        message.extend(std::iter::repeat_n(0u8, padding));
+    }
+    let mut body = vec![0];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    let mut request = format!(
+        "POST /demo.llm.v1.Generator/Generate HTTP/1.1\r\nhost: pnp\r\nconnection: close\r\n\
+         content-type: application/grpc-web+proto\r\nx-grpc-web: 1\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    request
+}
+
+/// SIGHUP re-reads the config file: a new message limit governs the next calls; a file that
+/// does not validate is refused and the limit in force stays.
+#[cfg(unix)]
+#[test]
+fn sighup_reloads_the_config_file_and_a_bad_one_is_refused() {
+    let dir = std::env::temp_dir().join(format!("pnp-cli-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("pnp.toml");
+    let path_text = path.to_str().expect("utf-8 path").to_owned();
+    std::fs::write(&path, "[limits]\nmax_message_size = \"64KiB\"\n").expect("write config");
+    let (pnp, data, _) = serve(&[
+        "--config",
+        &path_text,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    let status = |padding| {
+        let response = http(data, &generate_request(padding));
+        let text = String::from_utf8_lossy(&response).into_owned();
+        if contains(&response, b"grpc-status:0") || contains(&response, b"grpc-status: 0") {
+            0
+        } else if contains(&response, b"grpc-status: 8") || contains(&response, b"grpc-status:8") {
+            8
+        } else {
+            panic!("unexpected reply: {text}")
+        }
+    };
+    assert_eq!(status(10_000), 0, "10 kB is under 64 KiB");
+    let hup = |pnp: &Running| {
+        let pid = pnp.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill")
+            .success());
+    };
+    std::fs::write(&path, "[limits]\nmax_message_size = \"4KiB\"\n").expect("rewrite config");
+    hup(&pnp);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status(10_000) != 8 {
+        assert!(Instant::now() < deadline, "the new limit never applied");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::write(&path, "[limits]\nmax_message_size = \"lots\"\n").expect("rewrite config");
+    hup(&pnp);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(status(10_000), 8, "a bad file changes nothing");
+    assert_eq!(status(100), 0);
+    drop(pnp);
+    let _ = std::fs::remove_dir_all(&dir);
+}

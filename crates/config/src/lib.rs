@@ -69,6 +69,17 @@ pub struct Config {
     pub jobs: Jobs,
     /// What pnp believes of request headers from clients at the edge.
     pub edge: Edge,
+    /// The link to the control plane (`[control]`).
+    pub control: ControlLink,
+}
+
+/// The data plane's link to the control plane: the directory of the two shared-memory rings
+/// (`pnp-link`). `None`: no control plane; the config file (SIGHUP) and the admin endpoint are
+/// the only ways to change a running data plane.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ControlLink {
+    /// The rings' directory (`/dev/shm/pnp`, or an in-memory `emptyDir` in Kubernetes).
+    pub link_dir: Option<PathBuf>,
 }
 
 /// The data-plane listener.
@@ -308,6 +319,7 @@ impl Config {
                 trust_job_header: false,
                 forwarded_for: true,
             },
+            control: ControlLink::default(),
         }
     }
 

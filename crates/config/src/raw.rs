@@ -38,6 +38,14 @@ pub(crate) struct RawConfig {
     routes: Vec<RawRoute>,
     #[serde(default)]
     edge: RawEdge,
+    #[serde(default)]
+    control: RawControl,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    link_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -761,6 +769,7 @@ impl RawConfig {
         if let Some(append) = self.edge.forwarded_for {
             config.edge.forwarded_for = append;
         }
+        config.control.link_dir = self.control.link_dir;
 
         if self.admin.enabled == Some(false) {
             config.admin = None;

@@ -105,7 +105,9 @@ pub enum Command {
     },
 }
 
-/// A command with its sequence number (from 1, per control-plane writer).
+/// A command with its sequence number (from 1, continuing across control-plane restarts; 0
+/// marks what the data plane's link makes itself, such as a resync when a control plane
+/// attaches).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CommandEnvelope {
     /// Acknowledged by [`Event::Ack`] with the same number.
@@ -274,7 +276,7 @@ pub enum LinkError {
     /// A record is not a message of this protocol.
     #[error("undecodable record {seq}: {reason}")]
     Decode {
-        /// The ring's record sequence number.
+        /// The command number the record would carry (its ring sequence number + 1).
         seq: u64,
         /// Why.
         reason: String,
@@ -298,7 +300,7 @@ fn open_writer(dir: &Path, name: &str, capacity: usize) -> Result<pnp_ring::Writ
 
 fn decode<T: for<'de> Deserialize<'de>>(record: &pnp_ring::Record) -> Result<T, LinkError> {
     serde_json::from_slice(&record.payload).map_err(|e| LinkError::Decode {
-        seq: record.seq,
+        seq: record.seq + 1,
         reason: e.to_string(),
     })
 }
@@ -402,13 +404,14 @@ impl ControlSide {
 
     /// Send `command`; returns the sequence number its [`Event::Ack`] will carry.
     pub fn send(&mut self, command: Command) -> Result<u64, LinkError> {
-        // The ring's own record numbers are the command numbers: they continue across a
-        // restart of the writer, so a sequence number is never reused for another command.
-        let seq = self.commands.next_seq();
+        // The ring's own record numbers (from 0) plus one are the command numbers: they
+        // continue across a restart of the writer, so a number is never reused for another
+        // command, and 0 is left for what the data plane's link makes itself.
+        let seq = self.commands.next_seq() + 1;
         let bytes = encode(&CommandEnvelope { seq, command })?;
         let pushed = self.commands.try_push(&bytes)?;
-        debug_assert_eq!(pushed, seq);
-        Ok(pushed)
+        debug_assert_eq!(pushed + 1, seq);
+        Ok(seq)
     }
 
     /// The next event, if one is waiting.
@@ -538,7 +541,7 @@ mod tests {
         raw.try_push(b"{\"seq\": 1, \"command\": {\"type\": \"reboot\"}}")
             .expect("push");
         match data.try_command() {
-            Err(LinkError::Decode { seq, .. }) => assert_eq!(seq, raw.next_seq() - 1),
+            Err(LinkError::Decode { seq, .. }) => assert_eq!(seq, raw.next_seq()),
             other => panic!("{other:?}"),
         }
     }

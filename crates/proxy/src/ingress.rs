@@ -15,7 +15,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -39,8 +39,8 @@ use crate::admission::{Admission, Admitted};
 use crate::body::RequestBody;
 use crate::budget::BufferBudget;
 use crate::conn::{ClientReset, PeerAddr};
+use crate::control::{JobBook, Live};
 use crate::negotiation::Negotiator;
-use crate::profiles::Profiles;
 use crate::reply::{
     base_headers, shutdown_status, CallClocks, Clocks, Encoding, Observer, ReplyBody,
 };
@@ -68,10 +68,12 @@ pub struct Ingress {
 pub(crate) struct Inner {
     pub(crate) upstream: GuardedUpstream,
     pub(crate) negotiator: Arc<Negotiator>,
-    pub(crate) max_message_size: usize,
+    /// Profiles, routes and the message limit in force; a call takes a snapshot at its start.
+    pub(crate) live: RwLock<Arc<Live>>,
+    /// Every job's mode, counters and calls in flight.
+    pub(crate) jobs: Arc<JobBook>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) metrics: Metrics,
-    pub(crate) profiles: Profiles,
     pub(crate) admission: Arc<Admission>,
     /// The global buffer budget (`limits.buffer_budget`), for whatever a call buffers.
     pub(crate) budget: BufferBudget,
@@ -165,11 +167,17 @@ impl std::fmt::Debug for Ingress {
     }
 }
 
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("negotiator", &self.negotiator)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Ingress {
-    pub(crate) fn new(inner: Inner) -> Self {
-        Self {
-            inner: Arc::new(inner),
-        }
+    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+        Self { inner }
     }
 }
 
@@ -220,6 +228,14 @@ struct Accepted {
 }
 
 impl Inner {
+    /// The live config of the moment.
+    pub(crate) fn live(&self) -> Arc<Live> {
+        self.live
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     async fn handle(&self, request: Request<RequestBody>) -> Response<ReplyBody> {
         let arrival = Instant::now();
         let (mut parts, body) = request.into_parts();
@@ -254,16 +270,19 @@ impl Inner {
                 )
             }
         };
+        // What governs this call to its end, even if a new config is applied meanwhile.
+        let live = self.live();
         let mut head = CallHead {
             path,
             subtype: accepted.subtype,
             metadata,
             timeout: None,
-            max_message_size: self.max_message_size,
+            max_message_size: live.max_message_size,
         };
-        let policy = self
+        let policy = live
             .profiles
             .select(head.service(), head.method(), job.route.as_deref());
+        drop(live);
         if let Some(limit) = policy.max_message_size {
             head.max_message_size = limit;
         }
@@ -283,8 +302,10 @@ impl Inner {
             span,
             permit: None,
             transport_reason: "default",
+            job: None,
         };
         let abort = CallAbort::default();
+        let job_entry = self.jobs.entry(&policy.name);
         let fail = |observer: &mut Observer, status: Status, carrier: Carrier| {
             observer.finish(&status);
             // Whatever still runs for this call (the request pipe to the upstream) stops now.
@@ -295,6 +316,11 @@ impl Inner {
             response
         };
 
+        // A paused or frozen job takes no new calls.
+        if let Some(status) = job_entry.refusal() {
+            return fail(&mut observer, status, carrier);
+        }
+        observer.job = Some(job_entry.start(head.path.path(), abort.clone()));
         let client = peer.map(|PeerAddr(addr)| addr.ip());
         let degrade = match self.admission.admit(policy.degradable, client) {
             Admitted::Yes { permit, degrade } => {
@@ -340,6 +366,9 @@ impl Inner {
         observer.span.record("transport", carrier.name);
         observer.recorder.set_transport(carrier.name);
         observer.transport_reason = picked.reason.as_str();
+        if let Some(job) = &mut observer.job {
+            job.transport = carrier.name;
+        }
 
         let messages = RequestMessages::new(
             body.0.take().unwrap_or(RequestBody::Empty),
@@ -358,6 +387,7 @@ impl Inner {
             &policy,
             deadline.map(|d| d.at),
             job.trusted.as_deref(),
+            &job_entry.retries,
             abort.clone(),
         );
         let reply = self

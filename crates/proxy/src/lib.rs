@@ -18,6 +18,7 @@ mod admission;
 mod body;
 mod budget;
 mod conn;
+mod control;
 mod cors;
 mod h2server;
 mod h3quic;
@@ -49,6 +50,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use body::{H2Body, H3Body, RequestBody};
+pub use control::ConfigChange;
 pub use ingress::Ingress;
 
 /// Why the proxy could not start.
@@ -96,7 +98,12 @@ pub struct Proxy {
     listener: JoinHandle<listener::Drain>,
     h3: Option<H3Listener>,
     admin: Option<JoinHandle<()>>,
+    inner: Arc<ingress::Inner>,
+    drain: tokio::sync::watch::Receiver<Option<Duration>>,
 }
+
+/// How often the data plane sends its counters to the control plane.
+const STATS_EVERY: Duration = Duration::from_secs(1);
 
 /// The running HTTP/3 listener: its accept loop and its endpoint (kept until the connections'
 /// closes are sent).
@@ -197,21 +204,52 @@ impl Proxy {
             metrics.clone(),
         )
         .map_err(StartError::Config)?;
-        let ingress = Ingress::new(ingress::Inner {
+        let jobs = Arc::new(control::JobBook::default());
+        for name in config.jobs.profiles.keys() {
+            jobs.entry(name);
+        }
+        let inner = Arc::new(ingress::Inner {
             upstream,
             negotiator: negotiator.clone(),
-            max_message_size: config.limits.max_message_size,
+            live: std::sync::RwLock::new(Arc::new(control::Live {
+                version: 1,
+                profiles,
+                max_message_size: config.limits.max_message_size,
+                config: config.clone(),
+                toml: None,
+            })),
+            jobs,
             shutdown: end_streams.clone(),
             metrics: metrics.clone(),
-            profiles,
             admission,
             edge: ingress::EdgeRules::new(&config.cors, &config.edge),
             budget,
         });
+        let (drain_tx, drain_rx) = tokio::sync::watch::channel(None);
+        if let Some(dir) = &config.control.link_dir {
+            let (sink, commands) = control::spawn_link(dir).map_err(io_err(format!(
+                "opening the control link in {}",
+                dir.display()
+            )))?;
+            inner.negotiator.set_events(sink.clone());
+            inner.upstream.set_events(sink.clone());
+            control::spawn_stats(
+                inner.clone(),
+                sink.clone(),
+                STATS_EVERY,
+                end_streams.clone(),
+            );
+            tokio::spawn(control::steer(inner.clone(), sink, drain_tx, commands));
+            tracing::info!(dir = %dir.display(), "control link open");
+        }
+        let ingress = Ingress::new(inner.clone());
         let service = tower::ServiceBuilder::new()
             .layer(cors::layer(&config.cors))
             .service(ingress);
 
+        // One limit on client connections, whichever listener (TCP or QUIC) they arrive on.
+        let connection_slots =
+            Arc::new(tokio::sync::Semaphore::new(config.listener.max_connections));
         // HTTP/3 beside TCP: QUIC has no plaintext, so it needs the listener's certificate.
         let h3 = match (&config.listener.h3, &config.listener.tls) {
             (None, _) => None,
@@ -238,6 +276,7 @@ impl Proxy {
                     service.clone(),
                     stop_accepting.clone(),
                     settings,
+                    connection_slots.clone(),
                     metrics.clone(),
                 ));
                 Some((addr, H3Listener { accept, endpoint }))
@@ -277,6 +316,7 @@ impl Proxy {
             stop_accepting.clone(),
             header_clock,
             listener::Settings::from_config(&config.listener),
+            connection_slots,
             metrics.clone(),
         ));
 
@@ -313,6 +353,8 @@ impl Proxy {
             listener,
             h3,
             admin,
+            inner,
+            drain: drain_rx,
         })
     }
 
@@ -334,6 +376,28 @@ impl Proxy {
     /// The data plane's metrics (what the admin listener serves at `/metrics`).
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Validate `toml` (a whole config) and, unless `dry_run`, make its profiles, routes,
+    /// message limit and transport choices govern new calls, atomically; calls in flight keep
+    /// what they started with. Refused with the reason when it does not validate (the config
+    /// in force stays). Sections that need a restart are reported in the diff, not applied.
+    pub fn apply_config(&self, toml: &str, dry_run: bool) -> Result<ConfigChange, String> {
+        self.inner.apply_config(toml, dry_run)
+    }
+
+    /// Resolves when the control plane asks for a drain, with the grace it gave.
+    pub async fn drain_requested(&self) -> Duration {
+        let mut drain = self.drain.clone();
+        loop {
+            if let Some(grace) = *drain.borrow_and_update() {
+                return grace;
+            }
+            if drain.changed().await.is_err() {
+                // No control link: no drain will be asked for.
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Graceful shutdown with the configured grace period.

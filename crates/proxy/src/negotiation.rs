@@ -24,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use pnp_call::{Code, Status};
@@ -33,6 +33,8 @@ use pnp_policy::backoff::Backoff;
 use pnp_policy::negotiate::{Choice, Health, JobState, NegotiationPolicy, Reason, Rule, Slot};
 use pnp_telemetry::{Counter, Metrics};
 use pnp_transport::SharedTransport;
+
+use crate::control::EventSink;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tokio_util::sync::CancellationToken;
@@ -47,11 +49,84 @@ fn probe_backoff() -> Backoff {
         .unwrap_or_else(|_| Backoff::default())
 }
 
+/// Every profile of `jobs` as a plan over the peer's transports `names`.
+fn build_profiles(
+    names: &[&'static str],
+    jobs: &Jobs,
+) -> Result<HashMap<String, Arc<ProfilePlan>>, String> {
+    let mut profiles = HashMap::new();
+    for (name, profile) in &jobs.profiles {
+        let n = &profile.negotiation;
+        let key = format!("profiles.{name}.negotiation");
+        let slot_of = |transport: &str| {
+            names.iter().position(|n| *n == transport).ok_or_else(|| {
+                format!(
+                    "{key}: `{transport}` is not a transport of the upstream ({})",
+                    names.join(", ")
+                )
+            })
+        };
+        let slots: Vec<usize> = match &n.transports {
+            Some(list) => list.iter().map(|t| slot_of(t)).collect::<Result<_, _>>()?,
+            None => (0..names.len()).collect(),
+        };
+        let profile_slot = |transport: &str| -> Result<Slot, String> {
+            let peer_slot = slot_of(transport)?;
+            slots
+                .iter()
+                .position(|s| *s == peer_slot)
+                .ok_or_else(|| format!("{key}: `{transport}` is not in the profile's transports"))
+        };
+        let rules = n
+            .rules
+            .iter()
+            .map(|rule| {
+                Ok(match rule {
+                    SwitchRule::ThroughputAbove { above, to } => Rule::Throughput {
+                        above: *above as f64,
+                        to: profile_slot(to)?,
+                    },
+                    SwitchRule::SizeAbove { above, to } => Rule::SizeHint {
+                        above: *above,
+                        to: profile_slot(to)?,
+                    },
+                    SwitchRule::Failures { failures } => Rule::FailureStreak {
+                        failures: *failures,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let policy =
+            NegotiationPolicy::new(slots.len(), rules, n.hysteresis, n.window, n.return_after)
+                .map_err(|e| format!("{key}: {e}"))?;
+        profiles.insert(
+            name.clone(),
+            Arc::new(ProfilePlan {
+                name: Arc::from(name.as_str()),
+                policy,
+                fixed: slots.len() == 1 && n.rules.is_empty(),
+                counts_failures: n
+                    .rules
+                    .iter()
+                    .any(|r| matches!(r, SwitchRule::Failures { .. })),
+                selected: (0..names.len()).map(|_| Default::default()).collect(),
+                slots,
+                budget: n.budget,
+                bytes: Arc::default(),
+            }),
+        );
+    }
+    Ok(profiles)
+}
+
 /// The peer's transports and every job's negotiation state.
 pub(crate) struct Negotiator {
     /// The peer's transports; a peer slot indexes this.
     peer: Vec<SharedTransport>,
-    profiles: HashMap<String, ProfilePlan>,
+    /// The profiles' plans; swapped whole by [`Negotiator::reconfigure`].
+    profiles: RwLock<HashMap<String, Arc<ProfilePlan>>>,
+    /// Where switches and health changes are reported to the control plane.
+    events: OnceLock<EventSink>,
     /// How long a background probe may wait for a transport to be ready: its own connect
     /// timeout and then some (no call waits for a probe).
     probe_timeout: Duration,
@@ -121,14 +196,37 @@ struct Job {
     state: JobState,
     /// The peer slot the job's last call (not moved by a size hint) went to.
     current: Option<usize>,
+    /// Its recent transport switches, oldest first.
+    history: std::collections::VecDeque<String>,
 }
+
+/// How many transport switches a job remembers (for a freeze snapshot).
+const HISTORY: usize = 16;
 
 impl Job {
     fn new(now: Instant) -> Self {
         Self {
             state: JobState::new(now),
             current: None,
+            history: std::collections::VecDeque::new(),
         }
+    }
+
+    fn switched(&mut self, from: &str, to: &str, reason: Reason) {
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history
+            .push_back(format!("{from} → {to} ({})", reason.as_str()));
+    }
+}
+
+fn switch_event(job: &str, from: &str, to: &str, reason: Reason) -> pnp_link::Event {
+    pnp_link::Event::TransportSwitched {
+        job: job.to_owned(),
+        from: from.to_owned(),
+        to: to.to_owned(),
+        reason: reason.as_str().to_owned(),
     }
 }
 
@@ -183,67 +281,7 @@ impl Negotiator {
             return Err("the upstream has no transport".into());
         }
         let names: Vec<&'static str> = peer.iter().map(|t| t.kind().name()).collect();
-        let mut profiles = HashMap::new();
-        for (name, profile) in &jobs.profiles {
-            let n = &profile.negotiation;
-            let key = format!("profiles.{name}.negotiation");
-            let slot_of = |transport: &str| {
-                names.iter().position(|n| *n == transport).ok_or_else(|| {
-                    format!(
-                        "{key}: `{transport}` is not a transport of the upstream ({})",
-                        names.join(", ")
-                    )
-                })
-            };
-            let slots: Vec<usize> = match &n.transports {
-                Some(list) => list.iter().map(|t| slot_of(t)).collect::<Result<_, _>>()?,
-                None => (0..peer.len()).collect(),
-            };
-            let profile_slot = |transport: &str| -> Result<Slot, String> {
-                let peer_slot = slot_of(transport)?;
-                slots.iter().position(|s| *s == peer_slot).ok_or_else(|| {
-                    format!("{key}: `{transport}` is not in the profile's transports")
-                })
-            };
-            let rules = n
-                .rules
-                .iter()
-                .map(|rule| {
-                    Ok(match rule {
-                        SwitchRule::ThroughputAbove { above, to } => Rule::Throughput {
-                            above: *above as f64,
-                            to: profile_slot(to)?,
-                        },
-                        SwitchRule::SizeAbove { above, to } => Rule::SizeHint {
-                            above: *above,
-                            to: profile_slot(to)?,
-                        },
-                        SwitchRule::Failures { failures } => Rule::FailureStreak {
-                            failures: *failures,
-                        },
-                    })
-                })
-                .collect::<Result<Vec<_>, String>>()?;
-            let policy =
-                NegotiationPolicy::new(slots.len(), rules, n.hysteresis, n.window, n.return_after)
-                    .map_err(|e| format!("{key}: {e}"))?;
-            profiles.insert(
-                name.clone(),
-                ProfilePlan {
-                    name: Arc::from(name.as_str()),
-                    policy,
-                    fixed: slots.len() == 1 && n.rules.is_empty(),
-                    counts_failures: n
-                        .rules
-                        .iter()
-                        .any(|r| matches!(r, SwitchRule::Failures { .. })),
-                    selected: (0..peer.len()).map(|_| Default::default()).collect(),
-                    slots,
-                    budget: n.budget,
-                    bytes: Arc::default(),
-                },
-            );
-        }
+        let profiles = build_profiles(&names, jobs)?;
         for name in &names {
             metrics.set_transport_health(name, true);
         }
@@ -254,7 +292,8 @@ impl Negotiator {
                 jobs: HashMap::new(),
             }),
             peer,
-            profiles,
+            profiles: RwLock::new(profiles),
+            events: OnceLock::new(),
             probe_timeout: connect_timeout + Duration::from_secs(1),
             metrics,
             wake: tokio::sync::Notify::new(),
@@ -265,10 +304,64 @@ impl Negotiator {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn profile(&self, name: &str) -> Option<&ProfilePlan> {
-        self.profiles
+    fn profile(&self, name: &str) -> Option<Arc<ProfilePlan>> {
+        let profiles = self.profiles.read().unwrap_or_else(PoisonError::into_inner);
+        profiles
             .get(name)
-            .or_else(|| self.profiles.get(pnp_config::DEFAULT_PROFILE))
+            .or_else(|| profiles.get(pnp_config::DEFAULT_PROFILE))
+            .cloned()
+    }
+
+    /// Check `jobs`' negotiation settings against the peer's transports; with `apply`, make them
+    /// govern new calls (calls in flight keep their transport). A job whose transports changed
+    /// starts afresh (its throughput average, failure streak and overrides are dropped).
+    pub(crate) fn reconfigure(&self, jobs: &Jobs, apply: bool) -> Result<(), String> {
+        let names: Vec<&'static str> = self.peer.iter().map(|t| t.kind().name()).collect();
+        let fresh = build_profiles(&names, jobs)?;
+        if !apply {
+            return Ok(());
+        }
+        let mut profiles = self
+            .profiles
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.lock();
+        state.jobs.retain(|name, _| {
+            matches!(
+                (profiles.get(&**name), fresh.get(&**name)),
+                (Some(old), Some(new)) if old.slots == new.slots
+            )
+        });
+        *profiles = fresh;
+        Ok(())
+    }
+
+    /// Report switches and health changes to `sink` from now on.
+    pub(crate) fn set_events(&self, sink: EventSink) {
+        let _ = self.events.set(sink);
+    }
+
+    fn emit(&self, event: pnp_link::Event) {
+        if let Some(sink) = self.events.get() {
+            sink.emit(event);
+        }
+    }
+
+    /// The recent transport switches of `job`, oldest first.
+    pub(crate) fn history(&self, job: &str) -> Vec<String> {
+        self.lock()
+            .jobs
+            .get(job)
+            .map(|j| j.history.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The throughput average of `job`, bytes per second.
+    pub(crate) fn throughput(&self, job: &str) -> f64 {
+        self.lock()
+            .jobs
+            .get(job)
+            .map_or(0.0, |j| j.state.throughput(Instant::now()))
     }
 
     /// The transports to try for a new call of profile `job` whose size hint is `size_hint`.
@@ -317,14 +410,17 @@ impl Negotiator {
             let first = order.first().copied();
             if first != entry.current {
                 if let (Some(from), Some(to)) = (entry.current, first) {
+                    let (from, to) = (self.peer[from].kind().name(), self.peer[to].kind().name());
                     tracing::info!(
                         job = %job,
-                        from = self.peer[from].kind().name(),
-                        to = self.peer[to].kind().name(),
+                        from,
+                        to,
                         reason = reason.as_str(),
                         throughput = entry.state.throughput(now),
                         "transport switch"
                     );
+                    entry.switched(from, to, reason);
+                    self.emit(switch_event(job, from, to, reason));
                 }
                 entry.current = first;
             }
@@ -401,9 +497,10 @@ impl Negotiator {
     }
 
     fn count_selected(&self, job: &str, peer: usize, reason: Reason) {
-        let counter = self
-            .profiles
-            .get(job)
+        let profile = self.profile(job);
+        let counter = profile
+            .as_ref()
+            .filter(|p| *p.name == *job)
             .and_then(|p| p.selected.get(peer))
             .map(|cells| {
                 cells[reason_index(reason)].get_or_init(|| {
@@ -435,14 +532,22 @@ impl Negotiator {
         };
         if let Some(next) = profile.policy.record(&mut job.state, slot, carried, now) {
             let to = profile.slots[next];
+            let to_name = self.peer[to].kind().name();
             tracing::info!(
                 job = %picked.job,
                 from = picked.name,
-                to = self.peer[to].kind().name(),
+                to = to_name,
                 reason = Reason::FailureStreak.as_str(),
                 "transport switch"
             );
             job.current = Some(to);
+            job.switched(picked.name, to_name, Reason::FailureStreak);
+            self.emit(switch_event(
+                &picked.job,
+                picked.name,
+                to_name,
+                Reason::FailureStreak,
+            ));
         }
     }
 
@@ -461,6 +566,10 @@ impl Negotiator {
                 "transport unhealthy; probing it in the background"
             );
             self.metrics.set_transport_health(name, false);
+            self.emit(pnp_link::Event::TransportHealth {
+                transport: name.to_owned(),
+                healthy: false,
+            });
             self.wake.notify_one();
         }
     }
@@ -508,6 +617,10 @@ impl Negotiator {
             drop(guard);
             tracing::info!(transport = name, "transport healthy again");
             self.metrics.set_transport_health(name, true);
+            self.emit(pnp_link::Event::TransportHealth {
+                transport: name.to_owned(),
+                healthy: true,
+            });
         } else {
             health.failed(peer, now, rng);
             drop(guard);
@@ -516,8 +629,15 @@ impl Negotiator {
     }
 
     fn refresh_gauges(&self, now: Instant) {
+        let profiles: Vec<Arc<ProfilePlan>> = self
+            .profiles
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
         let mut state = self.lock();
-        for profile in self.profiles.values() {
+        for profile in &profiles {
             let carried = profile.bytes.swap(0, Ordering::Relaxed);
             let job = state
                 .jobs
@@ -540,8 +660,8 @@ impl Negotiator {
         clear: bool,
     ) -> Result<String, String> {
         let profile = self
-            .profiles
-            .get(job)
+            .profile(job)
+            .filter(|p| *p.name == *job)
             .ok_or_else(|| format!("no profile named `{job}`"))?;
         let names: Vec<&'static str> = profile
             .slots

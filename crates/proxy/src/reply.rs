@@ -224,6 +224,8 @@ pub(crate) struct Observer {
     pub(crate) permit: Option<Permit>,
     /// Why negotiation chose the call's transport (`pnp_policy::negotiate::Reason`).
     pub(crate) transport_reason: &'static str,
+    /// The call's place in its job (counted when it finishes; unregistered when dropped).
+    pub(crate) job: Option<crate::control::JobCall>,
 }
 
 impl Observer {
@@ -240,6 +242,9 @@ impl Observer {
             permit.record(self.recorder.elapsed());
         }
         self.recorder.finish(code);
+        if let Some(job) = self.job.take() {
+            job.finish(status);
+        }
         self.span.record("grpc_status", code);
         tracing::info!(
             parent: &self.span,

@@ -18,7 +18,8 @@
 //! lets the next call probe. A probe that streams settles at its first response message.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
@@ -39,6 +40,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::abort::CallAbort;
 use crate::budget::BufferBudget;
+use crate::control::EventSink;
 use crate::ingress::Transport;
 use crate::profiles::CallPolicy;
 use crate::replay::Replay;
@@ -58,6 +60,8 @@ struct GuardedBreaker {
     breaker: Mutex<Breaker>,
     name: String,
     metrics: Metrics,
+    /// Where state changes are reported to the control plane.
+    events: OnceLock<EventSink>,
 }
 
 impl std::fmt::Debug for GuardedUpstream {
@@ -95,12 +99,18 @@ impl GuardedUpstream {
                 breaker: Mutex::new(breaker),
                 name,
                 metrics: metrics.clone(),
+                events: OnceLock::new(),
             }),
             throttle: Mutex::new(RetryThrottle::TokenBucket(bucket)),
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed.rotate_left(17))),
             budget,
             metrics,
         })
+    }
+
+    /// Report breaker state changes to `sink` from now on.
+    pub(crate) fn set_events(&self, sink: EventSink) {
+        let _ = self.breaker.events.set(sink);
     }
 
     /// Send a call over `transport` (negotiation's pick), retrying as its policy allows, until
@@ -119,6 +129,7 @@ impl GuardedUpstream {
         policy: &CallPolicy,
         deadline: Option<Instant>,
         job: Option<&str>,
+        retries: &AtomicU64,
         abort: CallAbort,
     ) -> Result<Reply, TransportError> {
         if let (Some(_), Ok(mut throttle)) = (&policy.retry, self.throttle.lock()) {
@@ -145,6 +156,7 @@ impl GuardedUpstream {
                 policy,
                 deadline,
                 job,
+                retries,
                 abort,
             )
             .await;
@@ -166,6 +178,7 @@ impl GuardedUpstream {
         policy: &CallPolicy,
         deadline: Option<Instant>,
         job: Option<&str>,
+        retries: &AtomicU64,
         abort: CallAbort,
     ) -> Result<Reply, TransportError> {
         let mut state = RetryState::new();
@@ -283,6 +296,7 @@ impl GuardedUpstream {
                         code_label(code)
                     };
                     self.metrics.retry(head.path.path(), job, reason);
+                    retries.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(attempt = state.attempts() + 1, ?after, reason, "retrying");
                     tokio::time::sleep(after).await;
                 }
@@ -330,6 +344,12 @@ impl GuardedBreaker {
         };
         if let Some(transition) = transition {
             tracing::warn!(upstream = %self.name, ?transition, "circuit breaker");
+            if let Some(sink) = self.events.get() {
+                sink.emit(pnp_link::Event::BreakerChanged {
+                    upstream: self.name.clone(),
+                    state: state_name(breaker.state()).to_owned(),
+                });
+            }
         }
         self.metrics
             .set_breaker_state(&self.name, state_value(breaker.state()));
@@ -461,6 +481,14 @@ impl Stream for Watched {
             ticket.report(code);
         }
         Poll::Ready(item)
+    }
+}
+
+fn state_name(state: BreakerState) -> &'static str {
+    match state {
+        BreakerState::Closed { .. } => "closed",
+        BreakerState::HalfOpen { .. } => "half_open",
+        BreakerState::Open { .. } => "open",
     }
 }
 
@@ -609,6 +637,7 @@ mod tests {
                 &policy(),
                 None,
                 None,
+                &AtomicU64::new(0),
                 abort,
             )
             .await
