@@ -241,7 +241,12 @@ fn failed(what: &'static str) -> impl Fn(tonic::Status) -> anyhow::Error {
 
 fn print_reply(reply: &proto::CommandReply) {
     println!("ok (seq {}): {}", reply.seq, reply.message);
-    print!("{}", render_detail(&reply.detail_json));
+    // A freeze answers with the job's recent calls, like a snapshot.
+    if reply.detail_json.contains("\"recent\"") {
+        print!("{}", render_snapshot(&reply.detail_json));
+    } else {
+        print!("{}", render_detail(&reply.detail_json));
+    }
 }
 
 /// A detail as lines: a `changes` list one per line, a string as is, anything else as
