@@ -361,3 +361,208 @@ fn pnp_ctl_drives_a_data_plane_through_pnp_control() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Spawns `pnp ARGS` in `dir` and returns it with the first stderr line that starts with
+/// `prefix`, minus the prefix, up to the first space.
+fn spawn_announcing(dir: &Path, args: &[&str], prefix: &str) -> (Running, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pnp"))
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pnp");
+    let stderr = child.stderr.take().expect("stderr");
+    let running = Running { child };
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
+    let announced = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|line| {
+            let found = line
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_owned);
+            seen.push(line);
+            found
+        })
+        .unwrap_or_else(|| panic!("pnp {args:?} did not announce {prefix:?}: {seen:#?}"));
+    std::thread::spawn(move || for _ in lines {});
+    (running, announced)
+}
+
+/// One gRPC-Web call of demo.llm.v1.Generator/Generate over HTTP/1.1; its grpc-status and
+/// grpc-message headers (a Trailers-Only answer: pnp's own errors).
+fn generate(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let message = [
+        0x0a, 0x02, b'h', b'i', 0x10, 0x02, 0x18, 0x07, 0x2d, 0x0a, 0xd7, 0x23, 0x3c,
+    ];
+    let mut body = vec![0];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    let mut request = format!(
+        "POST /demo.llm.v1.Generator/Generate HTTP/1.1\r\nhost: pnp\r\nconnection: close\r\n\
+         content-type: application/grpc-web+proto\r\nx-grpc-web: 1\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream.write_all(&request).expect("write");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("read");
+    text(&response)
+        .lines()
+        .filter(|line| line.starts_with("grpc-status") || line.starts_with("grpc-message"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The alert → freeze loop with the real data plane (`pnp data`) and control plane (`pnp
+/// control`), each its own process: calls to an upstream that refuses connections fail and
+/// are retried, the control plane freezes the job (low limits here), writes the snapshot with
+/// the data plane's recent calls, and new calls get the freeze's reason.
+#[test]
+fn pnp_control_freezes_a_failing_job_of_pnp_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = pnp(dir.path(), &["certs", "dev", "dev-certs"]);
+    assert!(certs.status.success(), "{}", text(&certs.stderr));
+    std::fs::write(
+        dir.path().join("pnp.toml"),
+        r#"
+[profiles.chat]
+idempotent = true
+
+[profiles.chat.retry]
+max_attempts = 3
+initial_backoff = "10ms"
+max_backoff = "50ms"
+retryable_codes = ["UNAVAILABLE"]
+
+[[routes]]
+service = "demo.llm.v1.Generator"
+profile = "chat"
+"#,
+    )
+    .expect("config");
+    // An upstream address nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let upstream = format!("http://{closed}");
+    std::fs::create_dir_all(dir.path().join("link")).expect("link dir");
+    let (_data, data_addr) = spawn_announcing(
+        dir.path(),
+        &[
+            "data",
+            "--config",
+            "pnp.toml",
+            "--link-dir",
+            "link",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--upstream",
+            &upstream,
+        ],
+        "pnp listening on http://",
+    );
+    let (_control, control_addr) = spawn_announcing(
+        dir.path(),
+        &[
+            "control",
+            "--link-dir",
+            "link",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            "dev-certs/server.pem",
+            "--tls-key",
+            "dev-certs/server-key.pem",
+            "--client-ca",
+            "dev-certs/ca.pem",
+            "--freeze-errors",
+            "2",
+            "--freeze-retries",
+            "1",
+            "--snapshot-dir",
+            "snapshots",
+        ],
+        "pnp control listening on https://",
+    );
+
+    let snapshots = dir.path().join("snapshots");
+    let snapshot_files = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&snapshots)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while snapshot_files().is_empty() {
+        assert!(Instant::now() < deadline, "the job was never frozen");
+        let status = generate(&data_addr);
+        assert!(
+            status.contains("grpc-status: 14") || status.contains("grpc-status: 9"),
+            "{status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let files = snapshot_files();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let snapshot: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&files[0]).expect("snapshot")).expect("json");
+    assert_eq!(snapshot["job"], "chat");
+    assert_eq!(snapshot["by_rule"], true);
+    assert_eq!(snapshot["rule"]["max_errors"], 2);
+    assert!(
+        snapshot["recent"]
+            .as_array()
+            .is_some_and(|calls| !calls.is_empty() && calls.iter().all(|c| c["code"] == 14)),
+        "{snapshot}"
+    );
+
+    // New calls get the freeze (FAILED_PRECONDITION, with the rule's reason) at once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = generate(&data_addr);
+        if status.contains("grpc-status: 9") {
+            assert!(
+                status.contains("job chat is frozen: frozen by pnp"),
+                "{status}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = pnp(
+        dir.path(),
+        &["ctl", "--addr", control_addr.as_str(), "jobs"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let jobs = text(&out.stdout);
+    assert!(
+        jobs.lines()
+            .any(|l| l.starts_with("chat ") && l.contains(" frozen ")),
+        "{jobs}"
+    );
+    // Frozen once: the calls refused since do not trip it again.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(snapshot_files().len(), 1);
+
+    // Resumed, the job takes calls again (and fails them: the upstream is still down).
+    let out = pnp(
+        dir.path(),
+        &["ctl", "--addr", control_addr.as_str(), "resume", "chat"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(generate(&data_addr).contains("grpc-status: 14"));
+}
