@@ -26,9 +26,6 @@ use crate::freeze::{FreezeLoop, FreezeRule, Trip, WindowCounts};
 const EVENTS_PER_TURN: usize = 256;
 /// How often attachment, restarts, abandoned waiters and overdue freezes are checked.
 const HOUSEKEEPING: Duration = Duration::from_millis(200);
-/// How long after a freeze was sent the data plane's `JobFrozen` is waited for before the
-/// snapshot is written without the recent calls.
-const JOB_FROZEN_WAIT: Duration = Duration::from_secs(10);
 /// Events kept for a slow subscriber before it misses some.
 const BROADCAST_CAPACITY: usize = 4096;
 
@@ -43,6 +40,9 @@ pub struct HubOptions {
     pub snapshot_dir: Option<PathBuf>,
     /// How long a command waits for its acknowledgement.
     pub ack_timeout: Duration,
+    /// How long after the freeze rule sent a freeze the data plane's `JobFrozen` is waited for
+    /// before the snapshot is written without the recent calls.
+    pub job_frozen_wait: Duration,
 }
 
 impl HubOptions {
@@ -53,6 +53,7 @@ impl HubOptions {
             freeze: Some(FreezeRule::default()),
             snapshot_dir: None,
             ack_timeout: Duration::from_secs(5),
+            job_frozen_wait: Duration::from_secs(10),
         }
     }
 }
@@ -464,7 +465,7 @@ impl Worker {
         let overdue: Vec<String> = self
             .pending_freezes
             .iter()
-            .filter(|(_, p)| p.sent.elapsed() >= JOB_FROZEN_WAIT)
+            .filter(|(_, p)| p.sent.elapsed() >= self.options.job_frozen_wait)
             .map(|(job, _)| job.clone())
             .collect();
         for job in overdue {

@@ -173,6 +173,7 @@ impl ControlPlane {
             freeze: options.freeze,
             snapshot_dir: options.snapshot_dir.clone(),
             ack_timeout: options.ack_timeout,
+            ..HubOptions::new(&options.link_dir)
         })?;
         let (stop, stopped) = watch::channel(false);
         let (connections, incoming) = mpsc::channel::<io::Result<TlsConnection>>(64);

@@ -3,6 +3,7 @@
 
 mod freeze;
 mod grpc_web;
+mod hub;
 mod mtls;
 mod rpc;
 mod support;

@@ -97,6 +97,8 @@ pub(crate) struct FakeState {
     pub(crate) silent: bool,
     /// Fill the events ring with transport health events as fast as possible.
     pub(crate) flood: bool,
+    /// Answer a freeze without its `JobFrozen` event.
+    pub(crate) no_job_frozen: bool,
     /// Added to each job's counters before each Stats: (job, calls, non_ok, retries).
     pub(crate) per_tick: Vec<(String, u64, u64, u64)>,
 }
@@ -353,6 +355,16 @@ fn answer(state: &mut FakeState, envelope: CommandEnvelope) -> Vec<Event> {
         Command::FreezeJob { job, reason } => {
             if !set_mode(state, &job, JobMode::Frozen) {
                 return unknown(seq, &job);
+            }
+            if state.no_job_frozen {
+                return vec![
+                    ack(seq, true, format!("job {job} frozen"), None),
+                    Event::JobMode {
+                        job,
+                        mode: JobMode::Frozen,
+                        reason,
+                    },
+                ];
             }
             vec![
                 ack(seq, true, format!("job {job} frozen"), None),
