@@ -394,9 +394,10 @@ impl ControlSide {
     /// [`Command::Resync`].
     pub fn open(dir: impl AsRef<Path>) -> Result<ControlSide, LinkError> {
         let dir = dir.as_ref();
+        let commands = open_writer(dir, COMMANDS_RING, COMMANDS_CAPACITY)?;
         let events = open_reader(dir, EVENTS_RING, EVENTS_CAPACITY)?;
         Ok(ControlSide {
-            commands: open_writer(dir, COMMANDS_RING, COMMANDS_CAPACITY)?,
+            commands,
             events_epoch: events.writer_epoch(),
             events,
         })
