@@ -294,6 +294,14 @@ impl Hub {
     }
 }
 
+/// A caller waiting for its command's ack.
+struct Waiter {
+    reply: oneshot::Sender<Result<Ack, CommandError>>,
+    /// The job mode the command sets once acknowledged: the table shows it when the caller
+    /// hears the ack, even when the data plane's `JobMode` event comes after the ack.
+    sets_mode: Option<(String, JobMode)>,
+}
+
 /// What an internal command (not asked for by an API caller) was for.
 enum Internal {
     Resync,
@@ -316,7 +324,7 @@ struct Worker {
     state: Arc<State>,
     options: HubOptions,
     origin: Instant,
-    waiters: HashMap<u64, oneshot::Sender<Result<Ack, CommandError>>>,
+    waiters: HashMap<u64, Waiter>,
     internal: HashMap<u64, Internal>,
     freeze: Option<FreezeLoop>,
     pending_freezes: HashMap<String, PendingFreeze>,
@@ -418,9 +426,19 @@ impl Worker {
             )));
             return;
         }
+        let sets_mode = match &request.command {
+            Command::PauseJob { job, .. } => Some((job.clone(), JobMode::Paused)),
+            Command::ResumeJob { job } => Some((job.clone(), JobMode::Running)),
+            Command::FreezeJob { job, .. } => Some((job.clone(), JobMode::Frozen)),
+            _ => None,
+        };
         match self.side.send(request.command) {
             Ok(seq) => {
-                let _ = self.waiters.insert(seq, request.reply);
+                let waiter = Waiter {
+                    reply: request.reply,
+                    sets_mode,
+                };
+                let _ = self.waiters.insert(seq, waiter);
             }
             Err(e) => {
                 let _ = request.reply.send(Err(CommandError::Link(e)));
@@ -460,7 +478,7 @@ impl Worker {
         self.attached = attached;
         self.state.table().attached = attached;
         // Callers that gave up (timed out) no longer wait.
-        self.waiters.retain(|_, reply| !reply.is_closed());
+        self.waiters.retain(|_, waiter| !waiter.reply.is_closed());
         // Freezes sent long ago whose JobFrozen never came: snapshot what is known.
         let overdue: Vec<String> = self
             .pending_freezes
@@ -532,7 +550,10 @@ impl Worker {
     }
 
     fn ack(&mut self, seq: u64, ok: bool, message: String, detail: Option<serde_json::Value>) {
-        if let Some(reply) = self.waiters.remove(&seq) {
+        if let Some(waiter) = self.waiters.remove(&seq) {
+            if let (true, Some((job, mode))) = (ok, &waiter.sets_mode) {
+                self.mode(job, *mode);
+            }
             let result = if ok {
                 Ok(Ack {
                     seq,
@@ -546,7 +567,7 @@ impl Worker {
                     detail,
                 })
             };
-            let _ = reply.send(result);
+            let _ = waiter.reply.send(result);
             return;
         }
         match self.internal.remove(&seq) {
@@ -555,6 +576,7 @@ impl Worker {
             }
             Some(Internal::Freeze { job }) => {
                 if ok {
+                    self.mode(&job, JobMode::Frozen);
                     if let Some(pending) = self.pending_freezes.get_mut(&job) {
                         pending.acked = true;
                     }

@@ -423,3 +423,53 @@ async fn rpcs_keep_answering_while_the_events_ring_is_flooded() {
         "the ring was not full during the calls"
     );
 }
+
+#[tokio::test]
+async fn the_job_table_shows_a_pause_once_acked_even_before_the_data_planes_event() {
+    let (harness, _fake) = Harness::start_after(
+        |link| {
+            FakeDataPlane::start_with(
+                link,
+                FakeState {
+                    jobs: vec![job("chat")],
+                    events_after_ack: Some(Duration::from_millis(500)),
+                    ..FakeState::default()
+                },
+            )
+        },
+        |_| {},
+    )
+    .await;
+    let mut client = harness.client().await;
+    assert!(
+        eventually(Duration::from_secs(5), || !harness
+            .plane
+            .hub()
+            .jobs()
+            .jobs
+            .is_empty())
+        .await
+    );
+    for (mode, expected) in [(true, ProtoMode::Paused), (false, ProtoMode::Running)] {
+        if mode {
+            client
+                .pause_job(proto::PauseJobRequest {
+                    job: "chat".into(),
+                    end_in_flight: false,
+                })
+                .await
+                .expect("pause");
+        } else {
+            client
+                .resume_job(proto::ResumeJobRequest { job: "chat".into() })
+                .await
+                .expect("resume");
+        }
+        let jobs = client
+            .list_jobs(proto::ListJobsRequest {})
+            .await
+            .expect("list")
+            .into_inner();
+        assert_eq!(jobs.jobs[0].mode(), expected);
+    }
+}

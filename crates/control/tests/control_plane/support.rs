@@ -97,6 +97,9 @@ pub(crate) struct FakeState {
     pub(crate) silent: bool,
     /// Fill the events ring with transport health events as fast as possible.
     pub(crate) flood: bool,
+    /// Send the ack first and the command's events this much later (the real data plane may
+    /// send an ack before the events).
+    pub(crate) events_after_ack: Option<Duration>,
     /// Answer a freeze without its `JobFrozen` event.
     pub(crate) no_job_frozen: bool,
     /// Added to each job's counters before each Stats: (job, calls, non_ok, retries).
@@ -227,6 +230,10 @@ fn run(
                 // The command's events first, then its ack (the contract: when the caller
                 // hears the ack, the control plane's job table already shows the effect).
                 let mut events = answer(&mut state, envelope);
+                if let Some(delay) = state.events_after_ack {
+                    emit_reliably(&mut side, &events.remove(0));
+                    std::thread::sleep(delay);
+                }
                 events.rotate_left(1);
                 for event in events {
                     emit_reliably(&mut side, &event);
