@@ -5,7 +5,7 @@
 //!
 //! It is a plain thread, not a tokio task: the ring is polled (a short spin, then sleeps of up
 //! to 1 ms), which must not hold an executor thread. Each turn it takes every waiting command
-//! request, then up to [`EVENTS_PER_TURN`] events, so a flooded events ring never starves the
+//! request, then up to 256 events, so a flooded events ring never starves the
 //! commands.
 
 use std::collections::HashMap;
