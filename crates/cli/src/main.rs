@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod certs;
+mod control;
+mod ctl;
 mod planes;
 
 use anyhow::Context;
@@ -55,6 +57,10 @@ enum Command {
     /// Make certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Run the control plane: the mTLS control API over the link to a data plane.
+    Control(control::ControlArgs),
+    /// Talk to the control API (`pnp control`).
+    Ctl(ctl::CtlArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -160,6 +166,8 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
+            Command::Control(args) => control::run(args).await,
+            Command::Ctl(args) => ctl::run(args).await,
         }
     })
 }
