@@ -374,6 +374,19 @@ impl DataSide {
         }
     }
 
+    /// Send `event` if the events ring has room; `false` (nothing sent, nothing counted) when
+    /// it has none, for events that must not be lost (acks): the caller tries again later.
+    pub fn try_emit(&mut self, event: &Event) -> bool {
+        match encode(event) {
+            Ok(bytes) => self.events.try_push(&bytes).is_ok(),
+            // An event that cannot be encoded will not encode later either.
+            Err(_) => {
+                self.dropped += 1;
+                true
+            }
+        }
+    }
+
     /// Events dropped so far.
     pub fn dropped_events(&self) -> u64 {
         self.dropped
