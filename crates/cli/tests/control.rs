@@ -396,6 +396,16 @@ fn spawn_announcing(dir: &Path, args: &[&str], prefix: &str) -> (Running, String
 /// One gRPC-Web call of demo.llm.v1.Generator/Generate over HTTP/1.1; its grpc-status and
 /// grpc-message headers (a Trailers-Only answer: pnp's own errors).
 fn generate(addr: &str) -> String {
+    text(&generate_response(addr))
+        .lines()
+        .filter(|line| line.starts_with("grpc-status") || line.starts_with("grpc-message"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The whole HTTP response to that call (a streamed answer has its status in the trailer
+/// frame at the end of the body).
+fn generate_response(addr: &str) -> Vec<u8> {
     use std::io::{Read, Write};
     let message = [
         0x0a, 0x02, b'h', b'i', 0x10, 0x02, 0x18, 0x07, 0x2d, 0x0a, 0xd7, 0x23, 0x3c,
@@ -417,11 +427,13 @@ fn generate(addr: &str) -> String {
     stream.write_all(&request).expect("write");
     let mut response = Vec::new();
     stream.read_to_end(&mut response).expect("read");
-    text(&response)
-        .lines()
-        .filter(|line| line.starts_with("grpc-status") || line.starts_with("grpc-message"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    response
+}
+
+/// Whether the call ended OK (its trailer frame says `grpc-status:0`).
+fn generate_ok(addr: &str) -> bool {
+    let response = generate_response(addr);
+    response.windows(13).any(|w| w == b"grpc-status:0")
 }
 
 /// The alert → freeze loop with the real data plane (`pnp data`) and control plane (`pnp
@@ -565,4 +577,114 @@ profile = "chat"
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(generate(&data_addr).contains("grpc-status: 14"));
+}
+
+/// The whole of issue #14 as an operator meets it: `pnp serve --control-certs` runs the data
+/// plane and the control plane as two processes; `pnp ctl apply` reconfigures it live over
+/// mTLS (the time from the command to the next call following the new config is printed);
+/// killing the control plane leaves traffic untouched, and the restarted one re-attaches.
+#[test]
+fn pnp_serve_runs_both_planes_and_pnp_ctl_reconfigures_it_live() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = pnp(dir.path(), &["certs", "dev", "dev-certs"]);
+    assert!(certs.status.success(), "{}", text(&certs.stderr));
+    std::fs::write(
+        dir.path().join("pnp.toml"),
+        "[limits]\nmax_message_size = \"4MiB\"\n",
+    )
+    .expect("config");
+    std::fs::write(
+        dir.path().join("tight.toml"),
+        "[limits]\nmax_message_size = \"8B\"\n",
+    )
+    .expect("config");
+    let control_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+        .to_string();
+    let control_addr = format!("127.0.0.1:{control_port}");
+    let (_serve, data_addr) = spawn_announcing(
+        dir.path(),
+        &[
+            "serve",
+            "--config",
+            "pnp.toml",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--link-dir",
+            "serve-link",
+            "--control-certs",
+            "dev-certs",
+            "--control-listen",
+            &control_addr,
+        ],
+        "pnp listening on http://",
+    );
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", "--addr", control_addr.as_str()];
+        all.extend_from_slice(args);
+        pnp(dir.path(), &all)
+    };
+    // The control plane comes up as a second process and attaches.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let jobs = ctl(&["jobs"]);
+        if jobs.status.success() && text(&jobs.stdout).contains("default") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pnp ctl jobs never worked: {} {}",
+            text(&jobs.stdout),
+            text(&jobs.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(generate_ok(&data_addr));
+
+    let asked = Instant::now();
+    let applied = ctl(&["apply", "tight.toml"]);
+    let acknowledged = asked.elapsed();
+    assert!(applied.status.success(), "{}", text(&applied.stderr));
+    assert!(
+        text(&applied.stdout).contains("limits.max_message_size"),
+        "{}",
+        text(&applied.stdout)
+    );
+    let status = generate(&data_addr);
+    let followed = asked.elapsed();
+    assert!(status.contains("grpc-status: 8"), "{status}");
+    println!(
+        "pnp ctl apply: acknowledged {acknowledged:?} after the command started (a process, \
+         an mTLS handshake, the ring both ways); the next call followed it ({followed:?})"
+    );
+
+    // The control plane dies: calls go on; the restarted one re-attaches and steers.
+    let killed = Command::new("pkill")
+        // (The link dir's name is this test's own: other tests run `pnp control` too.)
+        .args(["-KILL", "-f", "control --link-dir serve-link"])
+        .status()
+        .expect("pkill");
+    assert!(killed.success(), "no control plane process to kill");
+    for _ in 0..10 {
+        assert!(generate(&data_addr).contains("grpc-status: 8"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let applied = ctl(&["apply", "pnp.toml"]);
+        if applied.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted control plane never took commands: {}",
+            text(&applied.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(generate_ok(&data_addr));
 }
