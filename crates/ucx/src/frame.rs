@@ -48,11 +48,13 @@ const FLAG_LAST: u8 = 2;
 
 const OPEN: u8 = 1;
 const REQUEST_MESSAGE: u8 = 2;
+#[cfg(test)]
 const REQUEST_HEAD: u8 = 3;
 const REQUEST_FRAGMENT: u8 = 4;
 const HALF_CLOSE: u8 = 5;
 const RESPONSE_HEAD: u8 = 6;
 const RESPONSE_MESSAGE: u8 = 7;
+#[cfg(test)]
 const RESPONSE_HEAD_PART: u8 = 8;
 const RESPONSE_FRAGMENT: u8 = 9;
 const STATUS: u8 = 10;
@@ -586,6 +588,26 @@ mod tests {
             round_trip(&Frame::HalfClose { call: 5 }),
             Frame::HalfClose { call: 5 }
         ));
+    }
+
+    #[test]
+    fn kinds_are_the_documented_numbers() {
+        let head = Part::Head {
+            compressed: true,
+            len: 5,
+        };
+        let (header, _) = Frame::Request {
+            call: 1,
+            part: head.clone(),
+        }
+        .encode();
+        assert_eq!((header[0], header[1]), (REQUEST_HEAD, FLAG_COMPRESSED));
+        let (header, _) = Frame::Response {
+            call: 1,
+            part: head,
+        }
+        .encode();
+        assert_eq!(header[0], RESPONSE_HEAD_PART);
     }
 
     #[test]

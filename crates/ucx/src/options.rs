@@ -99,7 +99,7 @@ impl UcxOptions {
     }
 
     /// Largest fragment to send to a peer whose window is `peer_window`.
-    pub(crate) fn fragment_for(&self, peer_window: u32) -> u32 {
+    pub fn fragment_for(&self, peer_window: u32) -> u32 {
         self.max_fragment.min(peer_window / 2).max(1)
     }
 }

@@ -27,8 +27,9 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::ffi::{c_int, c_uint, c_void, CStr, CString};
 use std::fmt;
+use std::io;
 use std::marker::PhantomData;
 use std::os::fd::RawFd;
 use std::ptr;
@@ -317,7 +318,7 @@ fn status_ptr(p: *mut c_void) -> StatusPtr {
     let value = p as isize;
     if p.is_null() {
         StatusPtr::Done
-    } else if value < 0 && value >= ffi::UCS_ERR_LAST {
+    } else if (ffi::UCS_ERR_LAST..0).contains(&value) {
         // UCS_PTR_IS_ERR: the pointer is a negative status code.
         StatusPtr::Failed(value as ucs_status_t)
     } else {
@@ -340,9 +341,9 @@ pub(crate) struct RndvId(u64);
 pub(crate) enum Payload {
     /// Eager data, already copied out of UCP.
     Eager(Bytes),
-    /// Rendezvous data of this length, still at the sender: [`Worker::receive`] it or
+    /// Rendezvous data, still at the sender: [`Worker::receive`] it or
     /// [`Worker::discard`] it.
-    Rndv(RndvId, usize),
+    Rndv(RndvId),
 }
 
 /// What happened on the worker since the last [`Worker::events`].
@@ -405,6 +406,9 @@ pub(crate) struct Worker {
     ops: HashMap<usize, Op>,
     rndv: HashMap<RndvId, (*mut c_void, usize)>,
     next_id: u64,
+    /// The worker's event fd in the tokio reactor (dropped first in `drop`, while the fd is
+    /// still open).
+    events_fd: Option<tokio::io::unix::AsyncFd<RawFd>>,
     /// Raw pointers make this !Send and !Sync already; this says so on purpose.
     _one_thread: PhantomData<*mut ()>,
 }
@@ -589,7 +593,7 @@ impl Worker {
             unsafe { ffi::ucp_cleanup(context) };
             return Err(e);
         }
-        let mut this = Worker {
+        let this = Worker {
             context,
             worker,
             inbox: Box::default(),
@@ -598,6 +602,7 @@ impl Worker {
             ops: HashMap::new(),
             rndv: HashMap::new(),
             next_id: 0,
+            events_fd: None,
             _one_thread: PhantomData,
         };
         let handler = ffi::ucp_am_handler_param_t {
@@ -642,14 +647,32 @@ impl Worker {
         }
     }
 
-    /// The file descriptor that becomes readable when the armed worker has events.
-    pub(crate) fn event_fd(&self) -> Result<RawFd, UcxError> {
+    /// Put the worker's event fd (readable when the armed worker has events) into the current
+    /// tokio runtime's reactor, for [`Worker::readable`]. Call inside a runtime.
+    pub(crate) fn watch_events(&mut self) -> io::Result<()> {
         let mut fd: c_int = -1;
         // SAFETY: the worker is live and was made with UCP_FEATURE_WAKEUP.
         check("getting the worker's event fd", unsafe {
             ffi::ucp_worker_get_efd(self.worker, &mut fd)
-        })?;
-        Ok(fd)
+        })
+        .map_err(io::Error::other)?;
+        // SAFETY: the fd belongs to the worker and stays open until ucp_worker_destroy; the
+        // AsyncFd is kept in `events_fd` and dropped at the start of `drop`, before that.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(io::Error::from)?;
+        self.events_fd = Some(registered);
+        Ok(())
+    }
+
+    /// Wait until the armed worker has events (at once without [`Worker::watch_events`]
+    /// having succeeded: the caller then polls on a timer).
+    pub(crate) async fn readable(&self) -> io::Result<()> {
+        match &self.events_fd {
+            Some(fd) => fd.readable().await.map(|mut guard| guard.clear_ready()),
+            None => std::future::pending().await,
+        }
     }
 
     /// Progress communication until there is nothing left to do now; true if anything
@@ -847,7 +870,7 @@ impl Worker {
                 RawPayload::Rndv(desc, len) => {
                     let id = RndvId(self.next_id());
                     self.rndv.insert(id, (desc, len));
-                    Payload::Rndv(id, len)
+                    Payload::Rndv(id)
                 }
             };
             events.push(Event::Arrival { header, payload });
@@ -897,15 +920,11 @@ impl Worker {
         }
         events
     }
-
-    /// Requests still in flight.
-    pub(crate) fn in_flight(&self) -> usize {
-        self.ops.len()
-    }
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
+        drop(self.events_fd.take());
         let eps: Vec<EpId> = self.eps.keys().copied().collect();
         for ep in eps {
             self.close(ep);
@@ -1091,8 +1110,7 @@ mod smoke {
                         assert_eq!(header, b"head");
                         match payload {
                             Payload::Eager(bytes) => got = Some(bytes),
-                            Payload::Rndv(id, len) => {
-                                assert_eq!(len, size);
+                            Payload::Rndv(id) => {
                                 if let Ok(bytes) = b.receive(id).expect("receive") {
                                     got = Some(bytes);
                                 }
