@@ -353,7 +353,8 @@ impl Driver {
                 reply,
             } => {
                 let id = if server { self.new_conn_id() } else { id };
-                let result = self.worker.connect(&peer_address).map(|ep| {
+                let peer_failure = !self.options.tuning.shared_memory_only();
+                let result = self.worker.connect(&peer_address, peer_failure).map(|ep| {
                     let dead = CancellationToken::new();
                     self.by_ep.insert(ep, id);
                     self.conns.insert(

@@ -35,6 +35,19 @@ impl UcxTuning {
         entries
     }
 
+    /// Whether `tls` names only shared-memory transports (`sm`, `posix`, `sysv`, `cma`, …).
+    /// UCX 1.13 cannot report a failed peer over those, so pnp does not ask it to (asking
+    /// would exclude them); peer death is then seen on pnp's side channel alone.
+    pub fn shared_memory_only(&self) -> bool {
+        const SHARED_MEMORY: [&str; 8] =
+            ["sm", "shm", "posix", "sysv", "cma", "knem", "xpmem", "self"];
+        self.tls.as_deref().is_some_and(|tls| {
+            tls.split(',')
+                .map(|t| t.trim().trim_start_matches('^'))
+                .all(|t| SHARED_MEMORY.contains(&t))
+        })
+    }
+
     /// Loopback TCP, as the tests and a laptop use it.
     pub fn loopback_tcp() -> Self {
         Self {
@@ -124,6 +137,23 @@ mod tests {
                 ("IB_GID_INDEX".to_owned(), "3".to_owned()),
             ]
         );
+    }
+
+    #[test]
+    fn shared_memory_only_means_every_listed_transport() {
+        assert!(UcxTuning::shared_memory().shared_memory_only());
+        assert!(UcxTuning {
+            tls: Some("posix, cma".into()),
+            ..UcxTuning::default()
+        }
+        .shared_memory_only());
+        assert!(!UcxTuning::loopback_tcp().shared_memory_only());
+        assert!(!UcxTuning {
+            tls: Some("sm,tcp".into()),
+            ..UcxTuning::default()
+        }
+        .shared_memory_only());
+        assert!(!UcxTuning::default().shared_memory_only());
     }
 
     #[test]

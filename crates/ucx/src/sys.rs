@@ -699,15 +699,16 @@ impl Worker {
         }
     }
 
-    /// An endpoint to the worker at `address` (from the peer's [`Worker::address`]), with
-    /// peer failure reported as [`Event::EpFailed`] where the transports can detect it.
-    ///
-    /// UCX 1.13's shared-memory transports (posix, sysv) have no peer failure handling: when
-    /// asking for it leaves no usable transport, the endpoint is made without it (the caller
-    /// then learns of peer death another way: pnp's side channel).
-    pub(crate) fn connect(&mut self, address: &[u8]) -> Result<EpId, UcxError> {
-        match self.connect_with(address, true) {
-            Err(e) if e.status == ffi::UCS_ERR_UNREACHABLE => self.connect_with(address, false),
+    /// An endpoint to the worker at `address` (from the peer's [`Worker::address`]). With
+    /// `peer_failure`, UCX reports a failed peer as [`Event::EpFailed`]; UCX 1.13's
+    /// shared-memory transports (posix, sysv) cannot, so asking for it excludes them, and when
+    /// that leaves no usable transport the endpoint is made without it (the caller then learns
+    /// of peer death another way: pnp's side channel).
+    pub(crate) fn connect(&mut self, address: &[u8], peer_failure: bool) -> Result<EpId, UcxError> {
+        match self.connect_with(address, peer_failure) {
+            Err(e) if peer_failure && e.status == ffi::UCS_ERR_UNREACHABLE => {
+                self.connect_with(address, false)
+            }
             other => other,
         }
     }
@@ -1095,7 +1096,10 @@ mod smoke {
     fn exchange(settings: &[(String, String)], size: usize) {
         let mut a = Worker::new(settings).expect("worker a");
         let mut b = Worker::new(settings).expect("worker b");
-        let ep = a.connect(&b.address().expect("address")).expect("connect");
+        let peer_failure = settings.iter().all(|(_, v)| v != "sm");
+        let ep = a
+            .connect(&b.address().expect("address"), peer_failure)
+            .expect("connect");
         let data = Bytes::from(vec![7u8; size]);
         a.send(ep, b"head", data).expect("send");
         let deadline = Instant::now() + Duration::from_secs(10);
