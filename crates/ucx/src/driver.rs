@@ -45,6 +45,8 @@ const MAGIC: &[u8; 8] = b"PNPUCX\x00\x01";
 const MAX_ADDRESS: u32 = 1 << 20;
 /// The status message of a call whose connection was gone before its open frame was sent.
 pub(crate) const NOT_SENT: &str = "UCX connection lost before the call started";
+/// Largest body of a frame without payload credit (an open, a response head, a status).
+const MAX_CONTROL_BODY: usize = 1 << 20;
 /// Safety net: progress at least this often even if no event arrives.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -439,6 +441,11 @@ impl Driver {
         true
     }
 
+    /// The largest frame body a peer may send.
+    fn max_body(&self) -> usize {
+        (self.options.call_window as usize).max(MAX_CONTROL_BODY)
+    }
+
     fn new_conn_id(&mut self) -> ConnId {
         self.next_conn = self.next_conn.wrapping_add(1);
         self.next_conn
@@ -493,14 +500,21 @@ impl Driver {
                     .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .filter(|c| self.conns.contains_key(c))
                 else {
-                    if let Payload::Rndv(id) = payload {
+                    if let Payload::Rndv(id, _) = payload {
                         self.worker.discard(id);
                     }
                     return;
                 };
                 let body = match payload {
                     Payload::Eager(bytes) => Body::Ready(bytes),
-                    Payload::Rndv(id) => match self.worker.receive(id) {
+                    // Checked before a buffer is sized by it: no frame may carry more than a
+                    // call's window (data) or MAX_CONTROL_BODY (heads, statuses).
+                    Payload::Rndv(id, len) if len > self.max_body() => {
+                        self.worker.discard(id);
+                        let reason = format!("UCX frame body of {len} bytes over the limit");
+                        return self.fail(conn, Code::Internal, reason);
+                    }
+                    Payload::Rndv(id, _) => match self.worker.receive(id) {
                         Ok(Ok(bytes)) => Body::Ready(bytes),
                         Ok(Err(op)) => {
                             self.receiving.insert(op, conn);

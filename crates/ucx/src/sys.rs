@@ -341,9 +341,9 @@ pub(crate) struct RndvId(u64);
 pub(crate) enum Payload {
     /// Eager data, already copied out of UCP.
     Eager(Bytes),
-    /// Rendezvous data, still at the sender: [`Worker::receive`] it or
+    /// Rendezvous data of this length, still at the sender: [`Worker::receive`] it or
     /// [`Worker::discard`] it.
-    Rndv(RndvId),
+    Rndv(RndvId, usize),
 }
 
 /// What happened on the worker since the last [`Worker::events`].
@@ -871,7 +871,7 @@ impl Worker {
                 RawPayload::Rndv(desc, len) => {
                     let id = RndvId(self.next_id());
                     self.rndv.insert(id, (desc, len));
-                    Payload::Rndv(id)
+                    Payload::Rndv(id, len)
                 }
             };
             events.push(Event::Arrival { header, payload });
@@ -1114,7 +1114,8 @@ mod smoke {
                         assert_eq!(header, b"head");
                         match payload {
                             Payload::Eager(bytes) => got = Some(bytes),
-                            Payload::Rndv(id) => {
+                            Payload::Rndv(id, len) => {
+                                assert_eq!(len, size);
                                 if let Ok(bytes) = b.receive(id).expect("receive") {
                                     got = Some(bytes);
                                 }
