@@ -92,6 +92,58 @@ async fn a_1_gib_message_crosses_tcp_and_shared_memory_intact() {
     echo_bulk("sm", 1 << 30).await;
 }
 
+/// Small calls keep completing while a 256 MiB echo flows on the same connection; their
+/// latencies are reported (no timing assertion: the machine is shared).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_calls_progress_while_a_bulk_call_flows() {
+    let server = ChildServer::start("child_server", "tcp");
+    let transport = UcxTransport::new(server.addr.to_string(), options("tcp")).expect("transport");
+    transport.ready().await.expect("connected");
+    let bulk_call = tokio::spawn({
+        let transport = transport.clone();
+        async move {
+            let data = bulk(256 << 20);
+            let reply = transport
+                .call(call(
+                    "/test.Echo/Echo",
+                    vec![Part::Message(Message::new(data))],
+                ))
+                .await
+                .expect("reply");
+            let (_, messages, status) = collect(reply).await;
+            assert_eq!(status.code, Code::Ok);
+            messages.iter().map(|m| m.len()).sum::<usize>()
+        }
+    });
+    let mut latencies = Vec::new();
+    let mut during = 0;
+    while latencies.len() < 2000 {
+        let started = Instant::now();
+        let (_, messages, status) = collect(
+            transport
+                .call(call("/test.Echo/Echo", vec![message("token")]))
+                .await
+                .expect("reply"),
+        )
+        .await;
+        assert_eq!((messages.len(), status.code), (1, Code::Ok));
+        latencies.push(started.elapsed());
+        if !bulk_call.is_finished() {
+            during += 1;
+        } else if latencies.len() >= 20 {
+            break;
+        }
+    }
+    assert_eq!(bulk_call.await.expect("join"), 256 << 20);
+    assert!(during > 0, "small calls completed while the bulk call ran");
+    latencies.sort();
+    eprintln!(
+        "{during} small calls completed during a 256 MiB echo over tcp: median {:?}, max {:?}",
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_of_every_shape_over_shared_memory_between_processes() {
     let server = ChildServer::start("child_server", "sm");

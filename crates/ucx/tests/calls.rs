@@ -1,6 +1,6 @@
 //! Calls through `UcxTransport` ↔ `UcxListener` over real UCX workers on loopback TCP: the four
-//! call shapes, cancellation reaching the handler, a killed peer, and many calls on one
-//! connection with a stalled bulk call among them.
+//! call shapes, cancellation reaching the handler, a killed peer (also over shared memory), and
+//! many calls on one connection with a stalled bulk call among them.
 #![cfg(feature = "ucx")]
 
 mod support;
@@ -220,9 +220,18 @@ async fn a_failed_request_stream_cancels_the_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_peer_mid_stream_ends_every_call_unavailable() {
-    let server = ChildServer::start("child_server", "tcp");
-    let mut server = server;
-    let transport = UcxTransport::new(server.addr.to_string(), options("tcp")).expect("transport");
+    kill_the_peer_mid_stream("tcp").await;
+}
+
+/// Shared memory has no UCX peer-failure handling: the side channel alone must notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_peer_mid_stream_over_shared_memory_ends_every_call_unavailable() {
+    kill_the_peer_mid_stream("sm").await;
+}
+
+async fn kill_the_peer_mid_stream(tls: &str) {
+    let mut server = ChildServer::start("child_server", tls);
+    let transport = UcxTransport::new(server.addr.to_string(), options(tls)).expect("transport");
     let mut streams = Vec::new();
     for _ in 0..3 {
         let Reply::Stream { mut items, .. } = transport
@@ -249,7 +258,7 @@ async fn killing_the_peer_mid_stream_ends_every_call_unavailable() {
         assert_eq!(status.code, Code::Unavailable, "{status:?}");
     }
     let elapsed = killed.elapsed();
-    eprintln!("peer death seen after {elapsed:?}");
+    eprintln!("UCX_TLS={tls}: peer death seen after {elapsed:?}");
     assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
     // A new call fails fast and cleanly, safe to retry elsewhere.
     let err = transport
