@@ -35,14 +35,14 @@ struct Inner {
     peer: String,
     options: UcxOptions,
     owner: DriverOwner,
-    conn: tokio::sync::Mutex<Slot0>,
+    conn: tokio::sync::Mutex<ConnSlot>,
     next_call: AtomicU64,
     meter: Arc<Meter>,
 }
 
 /// The shared connection, and the last failed attempt (which calls that waited for it share).
 #[derive(Default)]
-struct Slot0 {
+struct ConnSlot {
     conn: Option<Attached>,
     failed: Option<(Instant, TransportError)>,
 }
@@ -57,8 +57,10 @@ impl fmt::Debug for UcxTransport {
 
 impl UcxTransport {
     /// A transport to the listener whose side channel is at `peer` (`host:port`). Starts the
-    /// UCX worker thread (UCX configured from `options.tuning`); connects on the first call or
-    /// [`ready`](Transport::ready).
+    /// UCX worker thread (UCX configured from `options.tuning`; this blocks for UCX's
+    /// initialisation, tens of milliseconds: call it at start-up or from `spawn_blocking`);
+    /// connects on the first call or [`ready`](Transport::ready). Fails if UCX cannot start
+    /// (a bad setting, no usable transport).
     pub fn new(peer: impl Into<String>, options: UcxOptions) -> io::Result<Self> {
         let (owner, _) = driver::start(options.clone(), None)?;
         Ok(Self {

@@ -12,6 +12,10 @@ pub use crate::stream::{ReplySink, RequestMessages};
 
 /// One call that arrived over UCX: the call as the call model has it (head and request
 /// messages, a [`RequestMessages`] stream) and where its reply goes.
+///
+/// Nothing here enforces the call's deadline (`call.head.timeout`, the time left when the
+/// edge sent it) or limits how many calls a peer opens: that is the proxy's call core, as for
+/// every other ingress. Each call's memory is bounded by its flow-control windows.
 #[derive(Debug)]
 pub struct IncomingCall {
     /// Head (path, subtype, metadata, time left, largest message) and request messages. The

@@ -33,7 +33,16 @@ pub fn options(tls: &str) -> UcxOptions {
             ..UcxTuning::default()
         }
     };
-    UcxOptions::with_tuning(tuning)
+    let mut options = UcxOptions::with_tuning(tuning);
+    // Measurement knobs (bytes), e.g. to compare windows in a release run; unset in CI.
+    let knob = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
+    if let Some(window) = knob("PNP_UCX_TEST_WINDOW") {
+        options.call_window = window;
+    }
+    if let Some(fragment) = knob("PNP_UCX_TEST_FRAGMENT") {
+        options.max_fragment = fragment;
+    }
+    options
 }
 
 /// Start the echo service in this process.
