@@ -15,8 +15,9 @@
 //! reports broken transports. Any of them ends every call on the connection UNAVAILABLE.
 //!
 //! **Frames** travel as active messages, header `peer connection id (u32 LE) | frame header`.
-//! Rendezvous bodies are fetched into their own buffer; frames of one connection are handed on
-//! in the order they arrived even when a later, eager one completes first.
+//! Rendezvous bodies are fetched into their own buffer; frames of one call are handed on in
+//! the order they arrived even when a later, eager one completes first, while other calls'
+//! frames do not wait for it.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -243,8 +244,8 @@ struct Conn {
     peer_conn: ConnId,
     peer_window: u32,
     calls: HashMap<CallId, CallState>,
-    /// Frames in arrival order, some still waiting for their rendezvous body.
-    arrived: VecDeque<(Vec<u8>, Body)>,
+    /// Frames per call in arrival order, where some still wait for their rendezvous body.
+    arrived: HashMap<CallId, VecDeque<(Vec<u8>, Body)>>,
     dead: CancellationToken,
 }
 
@@ -267,7 +268,7 @@ struct Driver {
     incoming: Option<mpsc::UnboundedSender<IncomingCall>>,
     conns: HashMap<ConnId, Conn>,
     by_ep: HashMap<EpId, ConnId>,
-    receiving: HashMap<OpId, ConnId>,
+    receiving: HashMap<OpId, (ConnId, CallId)>,
     next_conn: ConnId,
 }
 
@@ -368,7 +369,7 @@ impl Driver {
                             peer_conn,
                             peer_window,
                             calls: HashMap::new(),
-                            arrived: VecDeque::new(),
+                            arrived: HashMap::new(),
                             dead: dead.clone(),
                         },
                     );
@@ -505,6 +506,18 @@ impl Driver {
                     }
                     return;
                 };
+                // The call id, from the frame header behind the connection id.
+                let Some(call) = header.get(12..20).map(|b| {
+                    let mut id = [0u8; 8];
+                    id.copy_from_slice(b);
+                    CallId::from_le_bytes(id)
+                }) else {
+                    if let Payload::Rndv(id, _) = payload {
+                        self.worker.discard(id);
+                    }
+                    let reason = format!("UCX frame header of {} bytes", header.len());
+                    return self.fail(conn, Code::Internal, reason);
+                };
                 let body = match payload {
                     Payload::Eager(bytes) => Body::Ready(bytes),
                     // Checked before a buffer is sized by it: no frame may carry more than a
@@ -517,7 +530,7 @@ impl Driver {
                     Payload::Rndv(id, _) => match self.worker.receive(id) {
                         Ok(Ok(bytes)) => Body::Ready(bytes),
                         Ok(Err(op)) => {
-                            self.receiving.insert(op, conn);
+                            self.receiving.insert(op, (conn, call));
                             Body::Waiting(op)
                         }
                         Err(e) => {
@@ -527,25 +540,29 @@ impl Driver {
                     },
                 };
                 if let Some(c) = self.conns.get_mut(&conn) {
-                    c.arrived.push_back((header, body));
+                    c.arrived.entry(call).or_default().push_back((header, body));
                 }
-                self.deliver(conn);
+                self.deliver(conn, call);
             }
             Event::Received { op, result } => {
-                let Some(conn) = self.receiving.remove(&op) else {
+                let Some((conn, call)) = self.receiving.remove(&op) else {
                     return;
                 };
                 match result {
                     Ok(bytes) => {
-                        if let Some(c) = self.conns.get_mut(&conn) {
-                            for (_, body) in c.arrived.iter_mut() {
+                        if let Some(queue) = self
+                            .conns
+                            .get_mut(&conn)
+                            .and_then(|c| c.arrived.get_mut(&call))
+                        {
+                            for (_, body) in queue.iter_mut() {
                                 if matches!(body, Body::Waiting(o) if *o == op) {
                                     *body = Body::Ready(bytes);
                                     break;
                                 }
                             }
                         }
-                        self.deliver(conn);
+                        self.deliver(conn, call);
                     }
                     Err(e) => self.fail(conn, Code::Unavailable, format!("UCX receive: {e}")),
                 }
@@ -558,18 +575,24 @@ impl Driver {
         }
     }
 
-    /// Hand on the frames at the front of `conn`'s queue whose bodies are complete.
-    fn deliver(&mut self, conn: ConnId) {
+    /// Hand on the frames at the front of `call`'s queue whose bodies are complete.
+    fn deliver(&mut self, conn: ConnId, call: CallId) {
         loop {
             let Some(c) = self.conns.get_mut(&conn) else {
                 return;
             };
-            if !matches!(c.arrived.front(), Some((_, Body::Ready(_)))) {
-                return;
-            }
-            let Some((header, Body::Ready(body))) = c.arrived.pop_front() else {
+            let Some(queue) = c.arrived.get_mut(&call) else {
                 return;
             };
+            if !matches!(queue.front(), Some((_, Body::Ready(_)))) {
+                return;
+            }
+            let Some((header, Body::Ready(body))) = queue.pop_front() else {
+                return;
+            };
+            if queue.is_empty() {
+                c.arrived.remove(&call);
+            }
             match Frame::decode(&header[4..], body) {
                 Ok(frame) => self.on_frame(conn, frame),
                 Err(e) => {
