@@ -656,9 +656,10 @@ mod tests {
             rest in proptest::collection::vec(any::<u8>(), 15),
             body in proptest::collection::vec(any::<u8>(), 0..200),
         ) {
-            let mut header = vec![kind];
-            header.extend_from_slice(&rest);
-            let _ = Frame::decode(&header, Bytes::from(body));
+            let mut input = vec![kind];
+            input.extend_from_slice(&rest);
+            input.extend_from_slice(&body);
+            crate::fuzzing::frame(&input);
         }
 
         #[test]

@@ -15,6 +15,8 @@
 #![cfg_attr(not(feature = "ucx"), forbid(unsafe_code))]
 
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 mod options;
 
 #[cfg(feature = "ucx")]
