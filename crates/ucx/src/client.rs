@@ -1,5 +1,5 @@
-//! The client side: [`UcxTransport`], pnp's egress transport to a peer pnp's [`UcxListener`]
-//! (crate::UcxListener).
+//! The client side: [`UcxTransport`], pnp's egress transport to a peer pnp's
+//! [`UcxListener`](crate::UcxListener).
 
 use std::fmt;
 use std::io;

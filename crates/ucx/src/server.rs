@@ -30,8 +30,8 @@ pub struct IncomingCall {
 
 /// Accepts UCX connections from peer pnp instances and yields their calls.
 ///
-/// It listens on a TCP address (the side channel where a peer's [`UcxTransport`]
-/// (crate::UcxTransport) says hello and both exchange UCX worker addresses); the calls
+/// It listens on a TCP address (the side channel where a peer's
+/// [`UcxTransport`](crate::UcxTransport) says hello and both exchange UCX worker addresses); the calls
 /// themselves then travel over whatever UCX picked: RDMA, shared memory or TCP.
 ///
 /// **Plugging it into the proxy** (`--listen-ucx ADDR`): run a task that loops on
