@@ -74,6 +74,37 @@ async fn echo_bulk(tls: &str, len: usize) {
     );
 }
 
+/// Send `len` bytes one way (the server counts them); report the time.
+async fn upload(tls: &str, len: usize) {
+    let server = ChildServer::start("child_server", tls);
+    let transport = UcxTransport::new(server.addr.to_string(), options(tls)).expect("transport");
+    transport.ready().await.expect("connected");
+    let data = bulk(len);
+    let started = Instant::now();
+    let reply = transport
+        .call(call(
+            "/test.Echo/Count",
+            vec![Part::Message(Message::new(data))],
+        ))
+        .await
+        .expect("reply");
+    let (_, messages, status) = collect(reply).await;
+    let elapsed = started.elapsed();
+    assert_eq!(status.code, Code::Ok, "{status:?}");
+    assert_eq!(messages, vec![bytes::Bytes::from(format!("1 {len}"))]);
+    let mib = len as f64 / f64::from(1 << 20);
+    eprintln!(
+        "UCX_TLS={tls}: {mib:.0} MiB uploaded in {elapsed:.2?}: {:.0} MiB/s",
+        mib / elapsed.as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_256_mib_upload_over_tcp_and_shared_memory() {
+    upload("tcp", 256 << 20).await;
+    upload("sm", 256 << 20).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_256_mib_message_crosses_tcp_intact() {
     echo_bulk("tcp", 256 << 20).await;
