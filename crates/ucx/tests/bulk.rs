@@ -125,6 +125,36 @@ async fn a_1_gib_message_crosses_shared_memory_intact() {
     echo_bulk("sm", 1 << 30).await;
 }
 
+/// Sequential unary calls on an idle connection: their latencies are reported (no timing
+/// assertion). A missed wakeup of the event-driven worker would show as ~100 ms outliers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_latency_on_an_idle_connection() {
+    for tls in ["tcp", "sm"] {
+        let server = ChildServer::start("child_server", tls);
+        let transport =
+            UcxTransport::new(server.addr.to_string(), options(tls)).expect("transport");
+        transport.ready().await.expect("connected");
+        let mut latencies = Vec::new();
+        for _ in 0..1000 {
+            let started = Instant::now();
+            let (_, messages, status) = collect(
+                transport
+                    .call(call("/test.Echo/Echo", vec![message("token")]))
+                    .await
+                    .expect("reply"),
+            )
+            .await;
+            assert_eq!((messages.len(), status.code), (1, Code::Ok));
+            latencies.push(started.elapsed());
+        }
+        latencies.sort();
+        eprintln!(
+            "UCX_TLS={tls}: 1000 unary calls: median {:?}, p99 {:?}, max {:?}",
+            latencies[500], latencies[990], latencies[999]
+        );
+    }
+}
+
 /// Small calls keep completing while a 256 MiB echo flows on the same connection; their
 /// latencies are reported (no timing assertion: the machine is shared).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
