@@ -889,3 +889,177 @@ async fn connect(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::time::Instant;
+
+    use futures_util::StreamExt;
+    use pnp_call::{Message, Part};
+
+    use super::*;
+    use crate::options::UcxTuning;
+    use crate::sys::Payload;
+    use crate::UcxListener;
+
+    /// A peer that speaks the side channel and the frames by hand, with its own worker.
+    struct RawPeer {
+        worker: Worker,
+        ep: EpId,
+        peer_conn: ConnId,
+        _side: std::net::TcpStream,
+    }
+
+    impl RawPeer {
+        fn connect(addr: SocketAddr) -> RawPeer {
+            let mut worker = Worker::new(&UcxTuning::loopback_tcp().entries()).expect("worker");
+            let mut side = std::net::TcpStream::connect(addr).expect("side channel");
+            side.write_all(&hello(1, 1 << 20, &worker.address().expect("address")))
+                .expect("hello");
+            let mut fixed = [0u8; 20];
+            side.read_exact(&mut fixed).expect("hello back");
+            assert_eq!(&fixed[..8], MAGIC);
+            let word =
+                |i: usize| u32::from_le_bytes([fixed[i], fixed[i + 1], fixed[i + 2], fixed[i + 3]]);
+            let mut address = vec![0u8; word(16) as usize];
+            side.read_exact(&mut address).expect("address");
+            let ep = worker.connect(&address, true).expect("endpoint");
+            RawPeer {
+                worker,
+                ep,
+                peer_conn: word(8),
+                _side: side,
+            }
+        }
+
+        fn send(&mut self, frame: &Frame) {
+            let (header, body) = frame.encode();
+            let mut am = self.peer_conn.to_le_bytes().to_vec();
+            am.extend_from_slice(&header);
+            self.worker.send(self.ep, &am, body).expect("send");
+        }
+
+        /// The frames that arrive within `limit`, until `stop` says enough.
+        fn receive_until(&mut self, limit: Duration, stop: impl Fn(&Frame) -> bool) -> Vec<Frame> {
+            let deadline = Instant::now() + limit;
+            let mut frames = Vec::new();
+            while Instant::now() < deadline {
+                self.worker.progress();
+                for event in self.worker.events() {
+                    if let Event::Arrival {
+                        header,
+                        payload: Payload::Eager(body),
+                    } = event
+                    {
+                        let frame = Frame::decode(&header[4..], body).expect("a frame");
+                        let done = stop(&frame);
+                        frames.push(frame);
+                        if done {
+                            return frames;
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            frames
+        }
+    }
+
+    fn head() -> CallHead {
+        CallHead {
+            path: "/test.Echo/Hold".parse().expect("path"),
+            subtype: None,
+            metadata: http::HeaderMap::new(),
+            timeout: None,
+            max_message_size: usize::MAX,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_ignores_its_credit_has_the_call_ended() {
+        let mut options = UcxOptions::with_tuning(UcxTuning::loopback_tcp());
+        options.call_window = 64 << 10;
+        let mut listener = UcxListener::bind("127.0.0.1:0".parse().expect("addr"), options)
+            .await
+            .expect("listener");
+        let addr = listener.local_addr();
+        // The handler never reads the request, so no credit ever comes back.
+        let handler = tokio::spawn(async move {
+            let incoming = listener.accept().await.expect("a call");
+            incoming.reply.cancelled().await;
+            let mut messages = incoming.call.messages;
+            let mut last = None;
+            while let Some(item) = messages.next().await {
+                last = Some(item);
+            }
+            last
+        });
+        let frames = tokio::task::spawn_blocking(move || {
+            let mut peer = RawPeer::connect(addr);
+            peer.send(&Frame::Open {
+                call: 1,
+                head: head(),
+            });
+            for _ in 0..4 {
+                let part = Part::Message(Message::new(vec![1u8; 32 << 10]));
+                peer.send(&Frame::Request { call: 1, part });
+            }
+            peer.receive_until(Duration::from_secs(5), |f| {
+                matches!(f, Frame::Status { .. })
+            })
+        })
+        .await
+        .expect("raw peer");
+        let Some(Frame::Status { status, .. }) = frames.last() else {
+            panic!("a status, got {frames:?}")
+        };
+        assert_eq!(status.code, Code::Internal);
+        assert!(status.message.contains("flow-control window"), "{status:?}");
+        let last = handler.await.expect("handler");
+        let Some(Err(status)) = last else {
+            panic!("the handler's request stream ends in an error, got {last:?}")
+        };
+        assert_eq!(status.code, Code::Internal);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_frame_ends_the_connection() {
+        let mut listener = UcxListener::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            UcxOptions::with_tuning(UcxTuning::loopback_tcp()),
+        )
+        .await
+        .expect("listener");
+        let addr = listener.local_addr();
+        let handler = tokio::spawn(async move {
+            let incoming = listener.accept().await.expect("a call");
+            let mut messages = incoming.call.messages;
+            messages.next().await
+        });
+        tokio::task::spawn_blocking(move || {
+            let mut peer = RawPeer::connect(addr);
+            peer.send(&Frame::Open {
+                call: 1,
+                head: head(),
+            });
+            // A frame kind that does not exist.
+            let mut am = peer.peer_conn.to_le_bytes().to_vec();
+            am.extend_from_slice(&[99u8; 16]);
+            peer.worker.send(peer.ep, &am, Bytes::new()).expect("send");
+            // Keep progressing so the frames leave.
+            peer.receive_until(Duration::from_millis(500), |_| false);
+        })
+        .await
+        .expect("raw peer");
+        let item = tokio::time::timeout(Duration::from_secs(5), handler)
+            .await
+            .expect("the call ends")
+            .expect("handler");
+        let Some(Err(status)) = item else {
+            panic!("an error, got {item:?}")
+        };
+        assert_eq!(status.code, Code::Internal);
+        assert!(status.message.contains("bad UCX frame"), "{status:?}");
+    }
+}
