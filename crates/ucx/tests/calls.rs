@@ -48,6 +48,13 @@ async fn unary_call_carries_head_message_trailers() {
         head.metadata.get("x-echo").expect("response metadata"),
         "yes"
     );
+    // The head crossed whole: time left, metadata, subtype.
+    assert_eq!(head.metadata.get("x-timeout-ms").expect("timeout"), "30000");
+    assert_eq!(
+        head.metadata.get("x-seen-request-id").expect("request id"),
+        "t-1"
+    );
+    assert_eq!(head.subtype.as_deref(), Some("proto"));
     assert_eq!(messages, vec![Bytes::from_static(b"hello")]);
     assert_eq!(status.code, Code::Ok, "{status:?}");
     assert_eq!(status.metadata.get("x-trailer").expect("trailer"), "done");

@@ -74,6 +74,17 @@ async fn handle(incoming: IncomingCall, seen: Arc<Seen>) {
     let mut head = ResponseHead::default();
     head.metadata
         .insert("x-echo", HeaderValue::from_static("yes"));
+    // What the head carried: the time left and the request id.
+    if let Some(timeout) = call.head.timeout {
+        head.metadata.insert(
+            "x-timeout-ms",
+            HeaderValue::from(timeout.as_millis() as u64),
+        );
+    }
+    if let Some(id) = call.head.metadata.get("x-request-id") {
+        head.metadata.insert("x-seen-request-id", id.clone());
+    }
+    head.subtype = call.head.subtype.clone();
     let mut messages = call.messages;
     match call.head.path.path() {
         "/test.Echo/Echo" => {
