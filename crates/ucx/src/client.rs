@@ -1,5 +1,6 @@
 //! The client side: [`UcxTransport`], pnp's egress transport to a peer pnp's
 //! [`UcxListener`](crate::UcxListener).
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::io;

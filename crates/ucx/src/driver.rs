@@ -18,6 +18,7 @@
 //! Rendezvous bodies are fetched into their own buffer; frames of one call are handed on in
 //! the order they arrived even when a later, eager one completes first, while other calls'
 //! frames do not wait for it.
+#![forbid(unsafe_code)]
 
 use std::collections::{HashMap, VecDeque};
 use std::io;

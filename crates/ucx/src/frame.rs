@@ -27,6 +27,7 @@
 //! Strings are a length (u16 for the path and subtype, u32 otherwise) and UTF-8 bytes;
 //! metadata is a u32 count of (u16 name length, name, u32 value length, value) entries.
 //! Decoding checks every length against what is there and returns [`FrameError`], never panics.
+#![forbid(unsafe_code)]
 
 use std::time::Duration;
 

@@ -1,5 +1,6 @@
 //! Body of the fuzz target in `crates/ucx/fuzz/`, kept here so that ordinary `cargo test`
 //! replays the committed corpus through exactly the code the fuzzer runs.
+#![forbid(unsafe_code)]
 
 use bytes::Bytes;
 

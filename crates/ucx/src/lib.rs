@@ -12,6 +12,9 @@
 //! confined to the `sys` module, whose documentation lists the invariants; UCX workers are not
 //! `Send`, so each runs on a thread of its own with a current-thread tokio runtime, driven by
 //! its event fd (see `driver`).
+//!
+//! `unsafe` lives in `sys.rs` alone (present only with the `ucx` feature): every other module
+//! forbids it, and the crate root denies it (a forbid here could not be lifted for `sys`).
 #![cfg_attr(not(feature = "ucx"), forbid(unsafe_code))]
 
 pub mod frame;

@@ -1,4 +1,5 @@
 //! What a UCX transport or listener is told: UCX tuning (per profile) and pnp's own windows.
+#![forbid(unsafe_code)]
 
 use std::time::Duration;
 

@@ -1,5 +1,6 @@
 //! The server side: [`UcxListener`], where a peer pnp's [`UcxTransport`](crate::UcxTransport)
 //! connects, and the calls it yields.
+#![forbid(unsafe_code)]
 
 use std::io;
 use std::net::SocketAddr;

@@ -1,6 +1,7 @@
 //! The call ends that live outside the driver thread (all `Send`): sending parts under the
 //! peer's credit, the request stream a server handler reads, the reply stream a client reads,
 //! and the sink a server handler answers into.
+#![forbid(unsafe_code)]
 
 use std::pin::Pin;
 use std::sync::Arc;

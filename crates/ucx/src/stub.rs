@@ -1,5 +1,6 @@
 //! What the public API is when pnp-ucx is built without the `ucx` feature: the same types,
 //! whose constructors fail with "built without UCX", so the proxy compiles either way.
+#![forbid(unsafe_code)]
 
 use std::io;
 use std::net::SocketAddr;
