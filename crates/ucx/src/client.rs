@@ -4,7 +4,6 @@
 
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -37,7 +36,9 @@ struct Inner {
     options: UcxOptions,
     owner: DriverOwner,
     conn: tokio::sync::Mutex<ConnSlot>,
-    next_call: AtomicU64,
+    /// The next call id. Taken and the open frame queued under this lock, so a connection
+    /// sees its calls open in id order (a go-away names the last one served).
+    next_call: std::sync::Mutex<u64>,
     meter: Arc<Meter>,
 }
 
@@ -70,7 +71,7 @@ impl UcxTransport {
                 options,
                 owner,
                 conn: tokio::sync::Mutex::default(),
-                next_call: AtomicU64::new(1),
+                next_call: std::sync::Mutex::new(1),
                 meter: Meter::new(),
             }),
         })
@@ -94,7 +95,8 @@ impl Inner {
         let asked = Instant::now();
         let mut slot = self.conn.lock().await;
         if let Some(conn) = &slot.conn {
-            if !conn.dead.is_cancelled() {
+            // A draining connection finishes its calls; new ones go over a new connection.
+            if !conn.dead.is_cancelled() && !conn.draining.is_cancelled() {
                 return Ok(conn.clone());
             }
             slot.conn = None;
@@ -132,9 +134,14 @@ impl Inner {
         }
     }
 
-    async fn call(self: Arc<Self>, call: Call) -> Result<Reply, TransportError> {
-        let conn = self.connection().await?;
-        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
+    /// Register a call on `conn` and queue its open frame: its request sender and reply items.
+    fn open(&self, conn: &Attached, head: pnp_call::CallHead) -> (PartSender, ReplyItems) {
+        let mut next_call = self
+            .next_call
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let id = *next_call;
+        *next_call += 1;
         let (slot, rx) = Slot::new(conn.peer_window);
         let sender = PartSender {
             driver: self.owner.handle.clone(),
@@ -145,8 +152,8 @@ impl Inner {
             max_fragment: self.options.fragment_for(conn.peer_window),
             request: true,
         };
-        // Dropped unfinished (this future dropped before the head), it cancels the call.
-        let mut items = ReplyItems::new(
+        // Dropped unfinished (the call future dropped before the head), it cancels the call.
+        let items = ReplyItems::new(
             rx,
             self.owner.handle.clone(),
             conn.conn,
@@ -156,9 +163,15 @@ impl Inner {
         self.owner.handle.send(Command::Open {
             conn: conn.conn,
             call: id,
-            head: call.head,
+            head,
             slot,
         });
+        (sender, items)
+    }
+
+    async fn call(self: Arc<Self>, call: Call) -> Result<Reply, TransportError> {
+        let conn = self.connection().await?;
+        let (sender, mut items) = self.open(&conn, call.head);
         tokio::spawn(pump_requests(call.messages, sender));
         match items.recv().await {
             Some(Ok(Frame::ResponseHead { head, .. })) => Ok(Reply::Stream {

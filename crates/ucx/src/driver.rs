@@ -46,7 +46,7 @@ const MAGIC: &[u8; 8] = b"PNPUCX\x00\x01";
 /// Largest worker address accepted from a peer.
 const MAX_ADDRESS: u32 = 1 << 20;
 /// The status message of a call whose connection was gone before its open frame was sent.
-pub(crate) const NOT_SENT: &str = "UCX connection lost before the call started";
+pub(crate) const NOT_SENT: &str = "UCX call not started: the connection was lost or is draining";
 /// Largest body of a frame without payload credit (an open, a response head, a status).
 const MAX_CONTROL_BODY: usize = 1 << 20;
 /// Safety net: progress at least this often even if no event arrives.
@@ -86,6 +86,9 @@ pub(crate) enum Command {
         call: CallId,
         bytes: u32,
     },
+    /// Listener side: stop accepting connections and calls, tell every peer (go-away), let the
+    /// calls already open finish.
+    Drain,
     /// Stop: end every call UNAVAILABLE and close.
     Shutdown,
 }
@@ -97,6 +100,8 @@ pub(crate) struct Attached {
     pub(crate) peer_window: u32,
     /// Cancelled when the connection is gone.
     pub(crate) dead: CancellationToken,
+    /// Cancelled when the peer said go-away: no new calls on this connection.
+    pub(crate) draining: CancellationToken,
 }
 
 /// What arrives for a call: its frames in order, or the error that ended it.
@@ -200,6 +205,7 @@ pub(crate) fn start(
                 };
                 let mut incoming = None;
                 let mut bound = None;
+                let stop_accepting = CancellationToken::new();
                 if let Some((addr, sink)) = listen {
                     let listener = match TcpListener::bind(addr).await {
                         Ok(l) => l,
@@ -215,6 +221,7 @@ pub(crate) fn start(
                         thread_handle.clone(),
                         address.clone(),
                         options.clone(),
+                        stop_accepting.clone(),
                     ));
                 }
                 let _ = ready_tx.send(Ok(bound));
@@ -228,6 +235,7 @@ pub(crate) fn start(
                     by_ep: HashMap::new(),
                     receiving: HashMap::new(),
                     next_conn: 0,
+                    stop_accepting,
                 };
                 driver.run(rx).await;
             });
@@ -248,6 +256,9 @@ struct Conn {
     /// Frames per call in arrival order, where some still wait for their rendezvous body.
     arrived: HashMap<CallId, VecDeque<(Vec<u8>, Body)>>,
     dead: CancellationToken,
+    /// Server: the highest call id opened. Client: the peer said go-away (see `draining`).
+    last_call: CallId,
+    draining: CancellationToken,
 }
 
 struct CallState {
@@ -271,6 +282,8 @@ struct Driver {
     by_ep: HashMap<EpId, ConnId>,
     receiving: HashMap<OpId, (ConnId, CallId)>,
     next_conn: ConnId,
+    /// Stops the side channel's accept loop (drain).
+    stop_accepting: CancellationToken,
 }
 
 impl Driver {
@@ -360,6 +373,7 @@ impl Driver {
                 let peer_failure = !self.options.tuning.shared_memory_only();
                 let result = self.worker.connect(&peer_address, peer_failure).map(|ep| {
                     let dead = CancellationToken::new();
+                    let draining = CancellationToken::new();
                     self.by_ep.insert(ep, id);
                     self.conns.insert(
                         id,
@@ -372,6 +386,8 @@ impl Driver {
                             calls: HashMap::new(),
                             arrived: HashMap::new(),
                             dead: dead.clone(),
+                            last_call: 0,
+                            draining: draining.clone(),
                         },
                     );
                     tracing::debug!(conn = id, %peer, server, "UCX connection up");
@@ -379,6 +395,7 @@ impl Driver {
                         conn: id,
                         peer_window,
                         dead,
+                        draining,
                     }
                 });
                 let _ = reply.send(result.map_err(|e| e.to_string()));
@@ -438,6 +455,7 @@ impl Driver {
                 state.unreturned = state.unreturned.saturating_sub(u64::from(bytes));
                 self.send(conn, &Frame::Credit { call, bytes });
             }
+            Command::Drain => self.drain(),
             Command::Shutdown => return false,
         }
         true
@@ -467,12 +485,34 @@ impl Driver {
     }
 
     fn end_call(&mut self, conn: ConnId, call: CallId, last: Option<Inbound>) {
-        if let Some(state) = self
-            .conns
-            .get_mut(&conn)
-            .and_then(|c| c.calls.remove(&call))
-        {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if let Some(state) = c.calls.remove(&call) {
             state.slot.end(last);
+        }
+        // A client connection the peer is draining closes with its last call.
+        if !c.server && c.draining.is_cancelled() && c.calls.is_empty() {
+            self.fail(conn, Code::Unavailable, "drained".into());
+        }
+    }
+
+    /// Stop accepting; tell every peer which calls will still be served.
+    fn drain(&mut self) {
+        self.stop_accepting.cancel();
+        // Closing the channel ends `UcxListener::accept` once the calls already there are taken.
+        self.incoming = None;
+        let peers: Vec<(ConnId, CallId)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.server)
+            .map(|(&id, c)| (id, c.last_call))
+            .collect();
+        for (conn, last) in peers {
+            if let Some(c) = self.conns.get(&conn) {
+                c.draining.cancel();
+            }
+            self.send(conn, &Frame::GoAway { last });
         }
     }
 
@@ -611,14 +651,17 @@ impl Driver {
         let call = frame.call();
         match frame {
             Frame::Open { call, head } => {
-                if !c.server || c.calls.contains_key(&call) {
+                if !c.server || c.calls.contains_key(&call) || call <= c.last_call {
                     return self.fail(conn, Code::Internal, "unexpected open frame".into());
                 }
-                let (slot, rx) = Slot::new(c.peer_window);
-                let peer = c.peer;
                 let Some(incoming) = &self.incoming else {
+                    // Draining: the go-away told the client this call was not served (it ends
+                    // it there, safe to retry); its later frames find no call and are dropped.
                     return;
                 };
+                c.last_call = call;
+                let (slot, rx) = Slot::new(c.peer_window);
+                let peer = c.peer;
                 let reply = ReplySink::new(
                     self.handle.clone(),
                     conn,
@@ -646,6 +689,22 @@ impl Driver {
                 };
                 if let Err(mpsc::error::SendError(refused)) = incoming.send(incoming_call) {
                     drop(refused);
+                }
+            }
+            Frame::GoAway { last } if !c.server => {
+                c.draining.cancel();
+                let refused: Vec<CallId> =
+                    c.calls.keys().copied().filter(|&id| id > last).collect();
+                for call in refused {
+                    self.end_call(
+                        conn,
+                        call,
+                        Some(Err(Box::new(Status::new(Code::Unavailable, NOT_SENT)))),
+                    );
+                }
+                // With no call left, the connection closes now.
+                if self.conns.get(&conn).is_some_and(|c| c.calls.is_empty()) {
+                    self.fail(conn, Code::Unavailable, "drained".into());
                 }
             }
             Frame::Credit { bytes, .. } => {
@@ -776,9 +835,15 @@ async fn accept_loop(
     handle: DriverHandle,
     address: Arc<Vec<u8>>,
     options: UcxOptions,
+    stop: CancellationToken,
 ) {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            // Drain: the listening socket closes, so new peers are refused at once.
+            () = stop.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "UCX side channel accept");

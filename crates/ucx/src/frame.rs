@@ -23,6 +23,7 @@
 //! | 10 | status | message, details, trailers |
 //! | 11 | cancel | – |
 //! | 12 | credit: the sender may send `arg` more payload bytes on the call | – |
+//! | 13 | go away: the listener is draining; it serves the calls up to the id in the header and no other | – |
 //!
 //! Strings are a length (u16 for the path and subtype, u32 otherwise) and UTF-8 bytes;
 //! metadata is a u32 count of (u16 name length, name, u32 value length, value) entries.
@@ -61,6 +62,7 @@ const RESPONSE_FRAGMENT: u8 = 9;
 const STATUS: u8 = 10;
 const CANCEL: u8 = 11;
 const CREDIT: u8 = 12;
+const GO_AWAY: u8 = 13;
 
 /// One frame of a call.
 #[derive(Clone, Debug)]
@@ -117,6 +119,12 @@ pub enum Frame {
         /// Payload bytes granted.
         bytes: u32,
     },
+    /// The listener is draining: it serves the calls it has seen open, up to and including
+    /// `last`, and never any later one; the client opens new calls elsewhere.
+    GoAway {
+        /// The last call served.
+        last: CallId,
+    },
 }
 
 /// A frame that could not be decoded.
@@ -150,7 +158,8 @@ impl Frame {
             | Frame::Response { call, .. }
             | Frame::Status { call, .. }
             | Frame::Cancel { call }
-            | Frame::Credit { call, .. } => *call,
+            | Frame::Credit { call, .. }
+            | Frame::GoAway { last: call } => *call,
         }
     }
 
@@ -185,6 +194,7 @@ impl Frame {
             ),
             Frame::Cancel { .. } => (CANCEL, 0, 0, Bytes::new()),
             Frame::Credit { bytes, .. } => (CREDIT, 0, *bytes, Bytes::new()),
+            Frame::GoAway { .. } => (GO_AWAY, 0, 0, Bytes::new()),
         };
         let mut header = [0u8; HEADER_LEN];
         header[0] = kind;
@@ -235,6 +245,7 @@ impl Frame {
             }),
             CANCEL => empty(Frame::Cancel { call }),
             CREDIT => empty(Frame::Credit { call, bytes: arg }),
+            GO_AWAY => empty(Frame::GoAway { last: call }),
             other => Err(FrameError::Kind(other)),
         }
     }
@@ -588,6 +599,10 @@ mod tests {
         assert!(matches!(
             round_trip(&Frame::HalfClose { call: 5 }),
             Frame::HalfClose { call: 5 }
+        ));
+        assert!(matches!(
+            round_trip(&Frame::GoAway { last: 6 }),
+            Frame::GoAway { last: 6 }
         ));
     }
 

@@ -42,7 +42,8 @@ pub struct IncomingCall {
 /// [`ReplySink::send`]; select on [`ReplySink::cancelled`] to drop the upstream call when the
 /// edge cancels (dropping the reply does it too). The simplest first step is to call the
 /// proxy's upstream `Transport` directly: `reply.send(upstream.call(call).await).await`.
-/// Dropping the listener stops accepting and ends its calls UNAVAILABLE.
+/// On shutdown, [`drain`](Self::drain) first, wait for the calls in flight (the proxy's own
+/// drain), then drop the listener: that ends whatever is left UNAVAILABLE.
 #[derive(Debug)]
 pub struct UcxListener {
     local_addr: SocketAddr,
@@ -72,8 +73,18 @@ impl UcxListener {
         self.local_addr
     }
 
-    /// The next incoming call; `None` once the listener's thread has stopped.
+    /// The next incoming call; `None` once the listener drains or its thread has stopped.
     pub async fn accept(&mut self) -> Option<IncomingCall> {
         self.incoming.recv().await
+    }
+
+    /// Start a graceful shutdown: the side channel stops accepting connections, every peer is
+    /// told (a go-away frame naming the last call served) to open new calls elsewhere, calls
+    /// the peer opened meanwhile end at the peer `UNAVAILABLE` and safe to retry, and
+    /// [`accept`](Self::accept) returns `None` once the calls already accepted are taken. The
+    /// calls in flight go on; drop the listener when they are done (or the grace period is
+    /// over: that ends the rest `UNAVAILABLE`).
+    pub fn drain(&self) {
+        self._owner.handle.send(crate::driver::Command::Drain);
     }
 }

@@ -120,4 +120,9 @@ impl UcxListener {
     pub async fn accept(&mut self) -> Option<IncomingCall> {
         match self.0 {}
     }
+
+    /// Start a graceful shutdown.
+    pub fn drain(&self) {
+        match self.0 {}
+    }
 }

@@ -343,3 +343,53 @@ async fn a_listener_that_is_gone_is_unavailable_and_safe_to_retry() {
     assert_eq!(err.status.code, Code::Unavailable);
     assert!(err.unprocessed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_listener_finishes_its_calls_and_refuses_new_ones_safely() {
+    let mut listener =
+        pnp_ucx::UcxListener::bind("127.0.0.1:0".parse().expect("addr"), options("tcp"))
+            .await
+            .expect("listener");
+    let transport =
+        UcxTransport::new(listener.local_addr().to_string(), options("tcp")).expect("transport");
+    // A bidi call in flight.
+    let (tx, in_flight) = streaming_call("/test.Echo/Echo");
+    tx.send(Ok(message("before"))).await.expect("send");
+    let pending = tokio::spawn({
+        let transport = transport.clone();
+        async move { transport.call(in_flight).await }
+    });
+    let incoming = listener.accept().await.expect("the call");
+    tokio::spawn(handle(incoming, Default::default()));
+    let Reply::Stream { mut items, .. } = pending.await.expect("join").expect("reply") else {
+        panic!("a stream")
+    };
+    let Some(ReplyItem::Message(m)) = items.next().await else {
+        panic!("an echo")
+    };
+    assert_eq!(m.data, Bytes::from_static(b"before"));
+
+    listener.drain();
+    let accepted = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+        .await
+        .expect("accept returns");
+    assert!(accepted.is_none(), "a draining listener accepts nothing");
+    // A new call is refused, and safe to send elsewhere.
+    let err = transport
+        .call(call("/test.Echo/Echo", vec![message("new")]))
+        .await
+        .expect_err("draining");
+    assert_eq!(err.status.code, Code::Unavailable, "{err}");
+    assert!(err.unprocessed, "{err}");
+    // The call in flight goes on to a clean end.
+    tx.send(Ok(message("after"))).await.expect("send");
+    let Some(ReplyItem::Message(m)) = items.next().await else {
+        panic!("an echo after the drain began")
+    };
+    assert_eq!(m.data, Bytes::from_static(b"after"));
+    drop(tx);
+    let Some(ReplyItem::Status(status)) = items.next().await else {
+        panic!("a status")
+    };
+    assert_eq!(status.code, Code::Ok, "{status:?}");
+}

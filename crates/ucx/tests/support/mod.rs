@@ -69,7 +69,7 @@ async fn accept(mut listener: UcxListener, seen: Arc<Seen>) {
 /// - `/test.Echo/Forever`: a message every 10 ms until cancelled;
 /// - `/test.Echo/Hang`: nothing until cancelled;
 /// - `/test.Echo/Fail`: trailers-only NOT_FOUND.
-async fn handle(incoming: IncomingCall, seen: Arc<Seen>) {
+pub async fn handle(incoming: IncomingCall, seen: Arc<Seen>) {
     let IncomingCall { call, reply, .. } = incoming;
     let mut head = ResponseHead::default();
     head.metadata
