@@ -49,6 +49,8 @@ const MAX_ADDRESS: u32 = 1 << 20;
 pub(crate) const NOT_SENT: &str = "UCX call not started: the connection was lost or is draining";
 /// Largest body of a frame without payload credit (an open, a response head, a status).
 const MAX_CONTROL_BODY: usize = 1 << 20;
+/// Credit a call may hold: far above any window, far below the semaphore's maximum.
+const MAX_CREDIT: usize = 1 << 40;
 /// Safety net: progress at least this often even if no event arrives.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -709,6 +711,12 @@ impl Driver {
             }
             Frame::Credit { bytes, .. } => {
                 if let Some(state) = c.calls.get(&call) {
+                    // A peer that grants credit beyond any window is broken; the semaphore would
+                    // panic past its maximum, so stop long before.
+                    if state.slot.credit.available_permits() > MAX_CREDIT {
+                        let reason = "the UCX peer granted more credit than any window".into();
+                        return self.fail(conn, Code::Internal, reason);
+                    }
                     state.slot.credit.add_permits(bytes as usize);
                 }
             }
