@@ -21,7 +21,7 @@ use pnp_interop_tests::interop::*;
 use pnp_interop_tests::stack::upstream_url;
 use pnp_interop_tests::{Mode, RawClient};
 use support::bridge::{pair, Hop};
-use support::h3::{cluster, dev_certs, edge, loopback};
+use support::h3::{cluster, dev_certs, edge, h3_client, h3_connect, loopback};
 use tokio::net::UdpSocket;
 
 /// A UDP relay between the edge and the cluster that can start dropping every datagram, as a
@@ -152,42 +152,73 @@ async fn a_quic_peer_that_vanishes_mid_stream_is_unavailable_within_the_keepaliv
     upstream.shutdown().await;
 }
 
-/// An HTTP/3 client of the cluster's listener: quinn + h3, trusting the test CA.
-async fn h3_client(
-    addr: SocketAddr,
-    ca: &std::path::Path,
-) -> (
-    quinn::Endpoint,
-    h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
-) {
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(ca).expect("CA");
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(cert.expect("cert")).expect("root");
-    }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+/// `listener.max_connections` counts TCP and QUIC connections together: with the one slot
+/// taken by a TCP connection a QUIC connection is refused, and once it is free a QUIC
+/// connection gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_and_quic_connections_share_one_connection_limit() {
+    let upstream = DemoUpstream::start(loopback())
+        .await
+        .expect("demo upstream");
+    let certs = dev_certs();
+    let cluster = cluster(upstream_url(upstream.local_addr()), &certs, |config| {
+        config.listener.max_connections = 1;
+        config.listener.connection_wait = Duration::from_millis(100);
+    })
+    .await;
+    let h3_addr = cluster.local_h3_addr().expect("h3");
+    let tcp = tokio::net::TcpStream::connect(cluster.local_addr())
+        .await
+        .expect("tcp");
+    // The TCP connection holds the slot (from its accept on, through its TLS handshake).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = h3_connect(h3_addr, &certs.ca).await;
+    assert!(
+        refused.is_err(),
+        "a QUIC connection over the shared limit was accepted"
+    );
+    drop(tcp);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (_endpoint, mut send) = loop {
+        match h3_connect(h3_addr, &certs.ca).await {
+            Ok(connected) => break connected,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "the freed slot never served QUIC: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // And now the QUIC connection holds it: a TCP connection is closed unserved.
+    let request = http::Request::post(format!(
+        "https://localhost:{}{}",
+        h3_addr.port(),
+        "/grpc.testing.TestService/EmptyCall"
     ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .expect("TLS 1.3")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h3".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS");
-    let mut endpoint = quinn::Endpoint::client(loopback()).expect("client endpoint");
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let conn = endpoint
-        .connect(addr, "localhost")
-        .expect("connect")
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .expect("request");
+    let mut stream = send.send_request(request).await.expect("request over h3");
+    stream.send_data(frame(&[])).await.expect("body");
+    stream.finish().await.expect("finish");
+    let response = stream.recv_response().await.expect("response");
+    assert_eq!(response.status(), 200);
+    let mut over = tokio::net::TcpStream::connect(cluster.local_addr())
         .await
-        .expect("QUIC handshake");
-    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn))
-        .await
-        .expect("HTTP/3 setup");
-    tokio::spawn(async move {
-        let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
-    });
-    (endpoint, send)
+        .expect("the kernel accepts");
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut over, &mut buf),
+    )
+    .await
+    .expect("closed in time");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    cluster
+        .shutdown_with_grace(Duration::from_millis(100))
+        .await;
+    upstream.shutdown().await;
 }
 
 fn frame(message: &[u8]) -> Bytes {

@@ -18,6 +18,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use pnp_interop_tests::admin::{sample, scrape_metrics};
+use pnp_interop_tests::interop::encode;
+use pnp_interop_tests::{Mode, RawClient};
 use support::negotiation::{admin, black_hole, carried_by, edge, fell_back, unary, Peer};
 
 const BUDGET: Duration = Duration::from_millis(500);
@@ -437,6 +439,66 @@ async fn an_operator_forces_and_forbids_a_transport_through_the_admin_endpoint()
     assert_eq!(code, 200);
     let (reply, _) = unary(edge.local_addr(), &[], 0, 10).await;
     assert_eq!(via(&reply), "h2");
+    edge.shutdown().await;
+    peer.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_call_falls_back_to_http1_when_http2_is_unavailable_and_the_page_can_read_why() {
+    let peer = Peer::start().await;
+    // Nothing listens where HTTP/2 should be: connections are refused at once.
+    let refused = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = refused.local_addr().expect("addr").port();
+    drop(refused);
+    let edge = edge(
+        &format!(
+            r#"
+            [upstream]
+            transports = ["http://127.0.0.1:{port}", "{h1}"]
+
+            [profiles.browser.negotiation]
+            transports = ["h2", "h1"]
+            budget = "500ms"
+
+            [[routes]]
+            service = "grpc.testing.TestService"
+            profile = "browser"
+            "#,
+            h1 = peer.h1()
+        ),
+        &peer.certs,
+    )
+    .await;
+    // A gRPC-Web call from a page on another origin, as grpc-web sends it over HTTP/1.1.
+    let request = encode(&pnp_demo::pb::grpc_testing::SimpleRequest {
+        response_size: 10,
+        ..Default::default()
+    });
+    let started = Instant::now();
+    let reply = RawClient::new(edge.local_addr(), Mode::WebBinaryH1)
+        .call(
+            "/grpc.testing.TestService/UnaryCall",
+            &[("origin", "https://app.example.com")],
+            &[&request],
+        )
+        .await;
+    let took = started.elapsed();
+    reply.assert_ok();
+    assert_eq!(carried_by(&reply), "h1");
+    assert!(fell_back(&reply), "{:?}", reply.headers);
+    assert!(
+        took < BUDGET,
+        "a refused connection is skipped at once: {took:?}"
+    );
+    let exposed = reply
+        .headers
+        .get("access-control-expose-headers")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    assert!(
+        exposed.contains("x-grpc-web-fallback") && exposed.contains("x-pnp-transport"),
+        "the page's script can read both: {exposed:?}"
+    );
     edge.shutdown().await;
     peer.shutdown().await;
 }

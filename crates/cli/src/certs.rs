@@ -1,5 +1,6 @@
 //! `pnp certs dev DIR`: a development CA and the certificates signed by it, for the HTTP/3
-//! listener (TLS is mandatory on QUIC), for `--upstream h3://` peers and for mTLS later.
+//! listener (TLS is mandatory on QUIC), for `--upstream h3://` peers and for the control API's
+//! mTLS (`pnp control`, `pnp ctl`).
 //!
 //! Development only: the CA key is written beside the certificates, unprotected but for its
 //! file mode, and the certificates never expire in practice (rcgen's default validity).
@@ -25,6 +26,9 @@ pub(crate) const FILES: [&str; 6] = [
     "client-key.pem",
 ];
 
+/// The name (DNS subject alternative name) of the development client certificate.
+pub(crate) const CLIENT_NAME: &str = "pnp-dev-client";
+
 /// What was generated, in PEM.
 pub(crate) struct DevCerts {
     /// The CA's certificate (the trust root to give clients and `--upstream-ca`).
@@ -35,7 +39,7 @@ pub(crate) struct DevCerts {
     pub(crate) server: String,
     /// Its private key.
     pub(crate) server_key: String,
-    /// The client certificate (client-auth), for mTLS.
+    /// The client certificate (client-auth, [`CLIENT_NAME`]), for mTLS (`pnp ctl`).
     pub(crate) client: String,
     /// Its private key.
     pub(crate) client_key: String,
@@ -75,7 +79,8 @@ pub(crate) fn generate() -> anyhow::Result<DevCerts> {
         .context("signing the server certificate")?;
 
     let client_key = KeyPair::generate().context("generating the client key")?;
-    let mut client_params = CertificateParams::new(Vec::<String>::new())?;
+    // The name is what `pnp control --allow-client` matches.
+    let mut client_params = CertificateParams::new(vec![CLIENT_NAME.to_owned()])?;
     client_params
         .distinguished_name
         .push(DnType::CommonName, "pnp development client");

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod certs;
+mod control;
+mod ctl;
 mod planes;
 
 use anyhow::Context;
@@ -55,6 +57,10 @@ enum Command {
     /// Make certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Run the control plane: the mTLS control API over the link to a data plane.
+    Control(control::ControlArgs),
+    /// Talk to the control API (`pnp control`).
+    Ctl(ctl::CtlArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -122,6 +128,9 @@ struct ServeArgs {
     /// `serve` only: the control plane's API address.
     #[arg(long, default_value = "127.0.0.1:9444")]
     control_listen: SocketAddr,
+    /// `serve` only: where the control plane's freeze loop writes job snapshots.
+    #[arg(long, default_value = "pnp-snapshots")]
+    control_snapshots: PathBuf,
 }
 
 /// A duration flag that also takes `off`.
@@ -160,6 +169,8 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
+            Command::Control(args) => control::run(args).await,
+            Command::Ctl(args) => ctl::run(args).await,
         }
     })
 }
@@ -253,6 +264,7 @@ async fn serve(args: ServeArgs, with_control: bool) -> anyhow::Result<()> {
             Some(planes::ControlChild {
                 link_dir,
                 listen: args.control_listen,
+                snapshots: args.control_snapshots.clone(),
                 certs: certs.clone(),
             })
         }
@@ -263,6 +275,10 @@ async fn serve(args: ServeArgs, with_control: bool) -> anyhow::Result<()> {
     };
     if let Some(dir) = &args.link_dir {
         config.control.link_dir = Some(dir.clone());
+    }
+    if let Some(dir) = &config.control.link_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the link directory {}", dir.display()))?;
     }
     if let Some(control) = &control {
         config.control.link_dir = Some(control.link_dir.clone());
@@ -321,9 +337,14 @@ async fn serve(args: ServeArgs, with_control: bool) -> anyhow::Result<()> {
         grace = proxy.drain_requested() => Some(grace),
         () = reload => None,
     };
+    let drained_on_request = grace.is_some();
     match grace {
         Some(grace) => proxy.shutdown_with_grace(grace).await,
         None => proxy.shutdown().await,
+    }
+    if drained_on_request {
+        // The control plane asked for the drain: let its answer reach the operator first.
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     stop_control.cancel();
     if let Some(supervisor) = supervisor {

@@ -29,6 +29,8 @@ pub(crate) struct ControlChild {
     pub(crate) listen: SocketAddr,
     /// A directory in the layout of `pnp certs dev`: server.pem, server-key.pem, ca.pem.
     pub(crate) certs: PathBuf,
+    /// Where the freeze loop writes its snapshots.
+    pub(crate) snapshots: PathBuf,
 }
 
 impl ControlChild {
@@ -47,6 +49,8 @@ impl ControlChild {
             .arg(self.certs.join("server-key.pem"))
             .arg("--client-ca")
             .arg(self.certs.join("ca.pem"))
+            .arg("--snapshot-dir")
+            .arg(&self.snapshots)
             .kill_on_drop(true);
         Ok(command)
     }

@@ -374,6 +374,19 @@ impl DataSide {
         }
     }
 
+    /// Send `event` if the events ring has room; `false` (nothing sent, nothing counted) when
+    /// it has none, for events that must not be lost (acks): the caller tries again later.
+    pub fn try_emit(&mut self, event: &Event) -> bool {
+        match encode(event) {
+            Ok(bytes) => self.events.try_push(&bytes).is_ok(),
+            // An event that cannot be encoded will not encode later either.
+            Err(_) => {
+                self.dropped += 1;
+                true
+            }
+        }
+    }
+
     /// Events dropped so far.
     pub fn dropped_events(&self) -> u64 {
         self.dropped
@@ -385,6 +398,7 @@ impl DataSide {
 pub struct ControlSide {
     commands: pnp_ring::Writer,
     events: pnp_ring::Reader,
+    events_epoch: u64,
 }
 
 impl ControlSide {
@@ -393,9 +407,12 @@ impl ControlSide {
     /// [`Command::Resync`].
     pub fn open(dir: impl AsRef<Path>) -> Result<ControlSide, LinkError> {
         let dir = dir.as_ref();
+        let commands = open_writer(dir, COMMANDS_RING, COMMANDS_CAPACITY)?;
+        let events = open_reader(dir, EVENTS_RING, EVENTS_CAPACITY)?;
         Ok(ControlSide {
-            commands: open_writer(dir, COMMANDS_RING, COMMANDS_CAPACITY)?,
-            events: open_reader(dir, EVENTS_RING, EVENTS_CAPACITY)?,
+            commands,
+            events_epoch: events.writer_epoch(),
+            events,
         })
     }
 
@@ -430,6 +447,13 @@ impl ControlSide {
     /// Whether a data plane has the events ring open now.
     pub fn data_attached(&self) -> bool {
         self.events.is_writer_attached().unwrap_or(false)
+    }
+
+    /// Whether a new data plane attached since the last call (its writer epoch changed): the
+    /// control plane then sends [`Command::Resync`] to learn its state.
+    pub fn data_restarted(&mut self) -> bool {
+        let epoch = self.events.writer_epoch();
+        std::mem::replace(&mut self.events_epoch, epoch) != epoch
     }
 }
 
@@ -491,6 +515,12 @@ mod tests {
         assert!(data.control_restarted());
         let after = control.send(Command::Resync).expect("send");
         assert!(after > before, "{after} after {before}");
+        // And the other way round: a restarted data plane is noticed by the control plane.
+        assert!(!control.data_restarted());
+        drop(data);
+        let mut data = DataSide::open(dir.path()).expect("data plane re-attached");
+        assert!(control.data_restarted());
+        assert!(!control.data_restarted());
         assert_eq!(
             data.try_command().expect("recv").map(|c| c.seq),
             Some(before)

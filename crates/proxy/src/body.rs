@@ -23,8 +23,72 @@ pub enum RequestBody {
     /// HTTP/3, read from an h3 request stream (boxed: it is ten times the size of the others,
     /// and a request body is moved through every layer of a call's future).
     Http3(Box<H3Body>),
+    /// A call that arrived already decoded (over UCX): its request parts as gRPC frames.
+    Parts(PartFrames),
     /// No body (tests, requests made in-process).
     Empty,
+}
+
+/// A decoded call's request parts as the bytes of gRPC frames, so the ingress reads them as it
+/// reads any request body: a whole message as its frame, a large message's head as the frame
+/// header and its fragments as they are (no copy).
+pub struct PartFrames {
+    parts: pnp_call::BoxMessageStream,
+    /// The payload of the last whole message, to go after its header.
+    pending: Option<Bytes>,
+}
+
+impl std::fmt::Debug for PartFrames {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartFrames").finish_non_exhaustive()
+    }
+}
+
+impl PartFrames {
+    pub(crate) fn new(parts: pnp_call::BoxMessageStream) -> Self {
+        Self {
+            parts,
+            pending: None,
+        }
+    }
+}
+
+/// The 5-byte gRPC frame header of a message.
+fn frame_header(compressed: bool, len: u32) -> Bytes {
+    let mut header = [0u8; 5];
+    header[0] = u8::from(compressed);
+    header[1..].copy_from_slice(&len.to_be_bytes());
+    Bytes::copy_from_slice(&header)
+}
+
+impl Body for PartFrames {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if let Some(payload) = self.pending.take() {
+            return Poll::Ready(Some(Ok(Frame::data(payload))));
+        }
+        let part = ready!(futures_core::Stream::poll_next(self.parts.as_mut(), cx));
+        Poll::Ready(match part {
+            None => None,
+            Some(Err(status)) => Some(Err(status.to_string().into())),
+            Some(Ok(pnp_call::Part::Message(message))) => {
+                let len = u32::try_from(message.data.len()).unwrap_or(u32::MAX);
+                if !message.data.is_empty() {
+                    self.pending = Some(message.data);
+                }
+                Some(Ok(Frame::data(frame_header(message.compressed, len))))
+            }
+            Some(Ok(pnp_call::Part::Head { compressed, len })) => {
+                Some(Ok(Frame::data(frame_header(compressed, len))))
+            }
+            Some(Ok(pnp_call::Part::Fragment { data, .. })) => Some(Ok(Frame::data(data))),
+        })
+    }
 }
 
 impl From<Incoming> for RequestBody {
@@ -149,6 +213,7 @@ impl Body for RequestBody {
             RequestBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             RequestBody::Http2(body) => Pin::new(body).poll_frame(cx),
             RequestBody::Http3(body) => Pin::new(body.as_mut()).poll_frame(cx),
+            RequestBody::Parts(body) => Pin::new(body).poll_frame(cx),
             RequestBody::Empty => Poll::Ready(None),
         }
     }
@@ -158,6 +223,7 @@ impl Body for RequestBody {
             RequestBody::Http1(body) => body.is_end_stream(),
             RequestBody::Http2(body) => body.is_end_stream(),
             RequestBody::Http3(body) => body.is_end_stream(),
+            RequestBody::Parts(_) => false,
             RequestBody::Empty => true,
         }
     }
@@ -165,7 +231,9 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Http1(body) => body.size_hint(),
-            RequestBody::Http2(_) | RequestBody::Http3(_) => SizeHint::default(),
+            RequestBody::Http2(_) | RequestBody::Http3(_) | RequestBody::Parts(_) => {
+                SizeHint::default()
+            }
             RequestBody::Empty => SizeHint::with_exact(0),
         }
     }

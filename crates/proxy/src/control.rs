@@ -333,30 +333,37 @@ pub(crate) fn spawn_link(
         .spawn(move || {
             let _ = side.control_restarted();
             let mut pending: Vec<tokio::sync::oneshot::Receiver<Event>> = Vec::new();
+            // Acks are never dropped: one the ring has no room for waits here for the next turn.
+            let mut unsent_acks: std::collections::VecDeque<Event> =
+                std::collections::VecDeque::new();
             loop {
-                // A control plane that (re-)attached first hears the whole state.
                 let mut incoming = Vec::new();
-                if side.control_restarted() {
-                    incoming.push(CommandEnvelope {
-                        seq: 0,
-                        command: Command::Resync,
-                    });
-                }
                 match side.command_timeout(Duration::from_millis(5)) {
                     Ok(Some(command)) => incoming.push(command),
                     Ok(None) => {}
                     Err(pnp_link::LinkError::Decode { seq, reason }) => {
-                        side.emit(&Event::Ack {
+                        unsent_acks.push_back(Event::Ack {
                             seq,
                             ok: false,
                             message: format!("not a command: {reason}"),
-                            detail: None,
+                            detail: Some(serde_json::json!({ "code": "invalid_argument" })),
                         });
                     }
                     Err(e) => {
                         tracing::warn!(dir = %dir.display(), error = %e, "control link");
                         std::thread::sleep(Duration::from_millis(100));
                     }
+                }
+                // A control plane that (re-)attached hears the whole state, before the answers
+                // to any command it sends.
+                if side.control_restarted() {
+                    incoming.insert(
+                        0,
+                        CommandEnvelope {
+                            seq: 0,
+                            command: Command::Resync,
+                        },
+                    );
                 }
                 for command in incoming {
                     let (ack_tx, ack_rx) = tokio::sync::oneshot::channel();
@@ -365,32 +372,48 @@ pub(crate) fn spawn_link(
                     }
                     pending.push(ack_rx);
                 }
+                // The acks that are ready, in order; their commands' events were sent before
+                // them (below), so the control plane sees what a command did when it sees that
+                // it was done.
+                let mut ready = Vec::new();
                 pending.retain_mut(|ack| match ack.try_recv() {
                     Ok(event) => {
-                        side.emit(&event);
+                        ready.push(event);
                         false
                     }
                     Err(tokio::sync::oneshot::error::TryRecvError::Empty) => true,
                     Err(tokio::sync::oneshot::error::TryRecvError::Closed) => false,
                 });
+                let mut disconnected = false;
                 loop {
                     match events_rx.try_recv() {
                         Ok(Event::Stats {
                             at_unix_ms, jobs, ..
-                        }) => side.emit(&Event::Stats {
-                            at_unix_ms,
-                            jobs,
-                            dropped_events: side.dropped_events(),
-                        }),
+                        }) => {
+                            let dropped = side.dropped_events();
+                            side.emit(&Event::Stats {
+                                at_unix_ms,
+                                jobs,
+                                dropped_events: dropped,
+                            });
+                        }
                         Ok(event) => side.emit(&event),
                         Err(std::sync::mpsc::TryRecvError::Empty) => break,
                         Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                            if pending.is_empty() {
-                                return;
-                            }
+                            disconnected = true;
                             break;
                         }
                     }
+                }
+                unsent_acks.extend(ready);
+                while let Some(ack) = unsent_acks.front() {
+                    if !side.try_emit(ack) {
+                        break;
+                    }
+                    unsent_acks.pop_front();
+                }
+                if disconnected && pending.is_empty() && unsent_acks.is_empty() {
+                    return;
                 }
             }
         })?;
@@ -562,7 +585,11 @@ pub(crate) async fn steer(
         let event = carry_out(&inner, &sink, &drain, envelope.command);
         let event = match event {
             Ok((message, detail)) => ack(seq, Ok(message), detail),
-            Err(reason) => ack(seq, Err(reason), None),
+            Err(refusal) => ack(
+                seq,
+                Err(refusal.message),
+                Some(serde_json::json!({ "code": refusal.code })),
+            ),
         };
         if seq == 0 {
             // A resync the link made itself: only its Hello goes out.
@@ -572,7 +599,23 @@ pub(crate) async fn steer(
     }
 }
 
-type Outcome = Result<(String, Option<serde_json::Value>), String>;
+/// Why a command was not carried out, and the gRPC code the control plane answers with
+/// (`not_found`, `invalid_argument`, `failed_precondition`).
+struct Refusal {
+    message: String,
+    code: &'static str,
+}
+
+impl Refusal {
+    fn invalid(message: String) -> Self {
+        Self {
+            message,
+            code: "invalid_argument",
+        }
+    }
+}
+
+type Outcome = Result<(String, Option<serde_json::Value>), Refusal>;
 
 fn carry_out(
     inner: &crate::ingress::Inner,
@@ -580,16 +623,21 @@ fn carry_out(
     drain: &tokio::sync::watch::Sender<Option<Duration>>,
     command: Command,
 ) -> Outcome {
-    let known = |job: &str| -> Result<Arc<JobEntry>, String> {
+    let known = |job: &str| -> Result<Arc<JobEntry>, Refusal> {
         if inner.live().config.jobs.profiles.contains_key(job) {
             Ok(inner.jobs.entry(job))
         } else {
-            Err(format!("no job (profile) named `{job}`"))
+            Err(Refusal {
+                message: format!("no job (profile) named `{job}`"),
+                code: "not_found",
+            })
         }
     };
     match command {
         Command::ApplyConfig { toml, dry_run } => {
-            let change = inner.apply_config(&toml, dry_run)?;
+            let change = inner
+                .apply_config(&toml, dry_run)
+                .map_err(Refusal::invalid)?;
             if change.applied {
                 sink.emit(Event::ConfigApplied {
                     version: change.version,
@@ -664,9 +712,11 @@ fn carry_out(
             clear,
         } => {
             let forbid: Vec<&str> = forbid.iter().map(String::as_str).collect();
+            known(&job)?;
             let summary = inner
                 .negotiator
-                .override_job(&job, force.as_deref(), &forbid, clear)?;
+                .override_job(&job, force.as_deref(), &forbid, clear)
+                .map_err(Refusal::invalid)?;
             Ok((summary, None))
         }
         Command::Drain { grace_ms } => {

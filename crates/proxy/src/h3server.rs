@@ -187,12 +187,13 @@ pub(crate) async fn serve<S: CallService>(
     service: S,
     stop: CancellationToken,
     settings: H3Settings,
+    slots: Arc<Semaphore>,
     metrics: Metrics,
 ) -> Drain {
     let tracker = TaskTracker::new();
     let shared = Arc::new(Shared {
         service,
-        slots: Arc::new(Semaphore::new(settings.max_connections)),
+        slots,
         settings,
         metrics,
         drain: CancellationToken::new(),

@@ -17,6 +17,7 @@ mod admin;
 mod admission;
 mod body;
 mod budget;
+mod callserver;
 mod conn;
 mod control;
 mod cors;
@@ -101,6 +102,8 @@ pub struct Proxy {
     admin: Option<JoinHandle<()>>,
     inner: Arc<ingress::Inner>,
     drain: tokio::sync::watch::Receiver<Option<Duration>>,
+    /// The service every listener serves, for calls that arrive decoded.
+    call_service: callserver::CallService,
 }
 
 /// How often the data plane sends its counters to the control plane.
@@ -248,6 +251,9 @@ impl Proxy {
             .layer(cors::layer(&config.cors))
             .service(ingress);
 
+        // One limit on client connections, whichever listener (TCP or QUIC) they arrive on.
+        let connection_slots =
+            Arc::new(tokio::sync::Semaphore::new(config.listener.max_connections));
         // HTTP/3 beside TCP: QUIC has no plaintext, so it needs the listener's certificate.
         let h3 = match (&config.listener.h3, &config.listener.tls) {
             (None, _) => None,
@@ -274,6 +280,7 @@ impl Proxy {
                     service.clone(),
                     stop_accepting.clone(),
                     settings,
+                    connection_slots.clone(),
                     metrics.clone(),
                 ));
                 Some((addr, H3Listener { accept, endpoint }))
@@ -294,6 +301,8 @@ impl Proxy {
             })
             .service(service);
 
+        let call_service = callserver::CallService::new(service.clone());
+
         let tcp = listener::bind(config.listener.addr)
             .map_err(io_err(format!("binding {}", config.listener.addr)))?;
         let local_addr = tcp
@@ -313,6 +322,7 @@ impl Proxy {
             stop_accepting.clone(),
             header_clock,
             listener::Settings::from_config(&config.listener),
+            connection_slots,
             metrics.clone(),
         ));
 
@@ -351,6 +361,7 @@ impl Proxy {
             admin,
             inner,
             drain: drain_rx,
+            call_service,
         })
     }
 
@@ -380,6 +391,13 @@ impl Proxy {
     /// in force stays). Sections that need a restart are reported in the diff, not applied.
     pub fn apply_config(&self, toml: &str, dry_run: bool) -> Result<ConfigChange, String> {
         self.inner.apply_config(toml, dry_run)
+    }
+
+    /// Serve one call that arrived already decoded (from a peer pnp over UCX) from `peer`,
+    /// through everything an HTTP request goes through (profile, admission, clocks,
+    /// negotiation, retries, metrics); its reply as the call model has it.
+    pub async fn serve_call(&self, call: pnp_call::Call, peer: SocketAddr) -> pnp_call::Reply {
+        callserver::serve_call(self.call_service.clone(), call, peer).await
     }
 
     /// Resolves when the control plane asks for a drain, with the grace it gave.

@@ -258,6 +258,7 @@ struct Shared<S> {
     drain: CancellationToken,
 }
 
+#[allow(clippy::too_many_arguments)] // each is one of the listener's parts
 pub(crate) async fn serve<S: CallService>(
     tcp: TcpListener,
     tls: Option<TlsAcceptor>,
@@ -265,6 +266,7 @@ pub(crate) async fn serve<S: CallService>(
     stop: CancellationToken,
     header_clock: Arc<HeaderClock>,
     settings: Settings,
+    slots: Arc<Semaphore>,
     metrics: Metrics,
 ) -> Drain {
     let tracker = TaskTracker::new();
@@ -272,7 +274,7 @@ pub(crate) async fn serve<S: CallService>(
         service,
         tls,
         header_clock,
-        slots: Arc::new(Semaphore::new(settings.max_connections)),
+        slots,
         settings,
         metrics,
         drain: CancellationToken::new(),

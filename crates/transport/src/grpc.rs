@@ -3,12 +3,18 @@
 //! ("Responses"), decoded reply frames as reply items, and the statuses for what cannot be
 //! decoded.
 
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
 use bytes::Bytes;
+use futures_core::Stream;
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, StatusCode};
-use pnp_call::{CallHead, Code, Message, ReplyItem, ResponseHead, Status};
+use pnp_call::{
+    CallHead, Code, Message, Reply, ReplyItem, ResponseHead, Status, FRAGMENT_THRESHOLD,
+};
 use pnp_wire::content_type::{self, Protocol};
-use pnp_wire::frame::{Frame as WireFrame, FrameDecoder, FrameError, Part as WirePart};
+use pnp_wire::frame::{Frame as WireFrame, FrameDecoder, FrameError, FrameKind, Part as WirePart};
 
 use crate::{strip_response_headers, Blame, TransportError};
 
@@ -179,5 +185,119 @@ pub(crate) fn frame_error_status(e: &FrameError) -> Status {
             format!("upstream stream ended inside a message ({buffered} bytes of it received)"),
         ),
         other => Status::new(Code::Internal, format!("malformed upstream frame: {other}")),
+    }
+}
+
+/// A native gRPC response (any HTTP body) as the call model's [`Reply`]: its head read as
+/// [`grpc_answer`] reads it, its body decoded into reply items one message (or fragment) at a
+/// time, ending with the status from its trailers; a body that ends without them, or cannot be
+/// decoded, ends with an error status, never OK. `guard` lives as long as the item stream
+/// (a transport's in-flight count, a connection lease).
+pub fn reply_from_response<B, G>(
+    response: http::Response<B>,
+    max_message_size: usize,
+    guard: G,
+) -> Reply
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: bytes::Buf + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    G: Send + Unpin + 'static,
+{
+    let (parts, body) = response.into_parts();
+    let head = match grpc_answer(parts.status, parts.headers) {
+        Answer::Stream(head) => head,
+        Answer::TrailersOnly(status) | Answer::NotGrpc(status) => {
+            return Reply::TrailersOnly(status)
+        }
+    };
+    Reply::Stream {
+        head,
+        items: Box::pin(BodyReply {
+            body,
+            decoder: FrameDecoder::new(FrameKind::Grpc, max_message_size)
+                .with_fragments(FRAGMENT_THRESHOLD),
+            done: false,
+            _guard: guard,
+        }),
+    }
+}
+
+/// Decodes a gRPC response body into reply items, one message at a time.
+struct BodyReply<B, G> {
+    body: B,
+    decoder: FrameDecoder,
+    done: bool,
+    _guard: G,
+}
+
+impl<B, G> BodyReply<B, G> {
+    fn finish(&mut self, status: Status) -> Poll<Option<ReplyItem>> {
+        self.done = true;
+        Poll::Ready(Some(ReplyItem::Status(status)))
+    }
+}
+
+impl<B, G> Stream for BodyReply<B, G>
+where
+    B: http_body::Body + Unpin,
+    B::Data: bytes::Buf,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    G: Unpin,
+{
+    type Item = ReplyItem;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ReplyItem>> {
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match next_item(&mut this.decoder) {
+                Decoded::Item(item) => return Poll::Ready(Some(item)),
+                Decoded::Trailers(_) => return this.finish(trailer_frame_on_grpc()),
+                Decoded::Failed(status) => return this.finish(status),
+                Decoded::NeedMore => {}
+            }
+            let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+            match frame {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(mut data) => {
+                        let len = bytes::Buf::remaining(&data);
+                        this.decoder.push(bytes::Buf::copy_to_bytes(&mut data, len));
+                    }
+                    Err(frame) => {
+                        let status = match frame.into_trailers() {
+                            Ok(trailers) => match this.decoder.finish() {
+                                Err(e) => frame_error_status(&e),
+                                Ok(()) => Status::from_headers(&trailers).unwrap_or_else(|| {
+                                    Status::new(
+                                        Code::Internal,
+                                        "upstream sent trailers without grpc-status",
+                                    )
+                                }),
+                            },
+                            Err(_) => continue,
+                        };
+                        return this.finish(status);
+                    }
+                },
+                Some(Err(e)) => {
+                    let e: Box<dyn std::error::Error + Send + Sync> = e.into();
+                    let err = TransportError::from_http(&*e, "upstream stream failed");
+                    return this.finish(*err.status);
+                }
+                None => {
+                    let status = match this.decoder.finish() {
+                        Err(e) => frame_error_status(&e),
+                        Ok(()) => Status::new(
+                            Code::Internal,
+                            "upstream ended the stream without trailers (no grpc-status)",
+                        ),
+                    };
+                    return this.finish(status);
+                }
+            }
+        }
     }
 }

@@ -9,31 +9,29 @@
 //! Replies are decoded frame by frame, so each message reaches the client as soon as it arrives.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_core::Stream;
 use futures_util::StreamExt;
 use http::{Request, Response};
-use http_body::{Body, Frame};
+use http_body::Frame;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, StreamBody};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioTimer;
-use pnp_call::{Call, Code, Part, Reply, ReplyItem, Status, FRAGMENT_THRESHOLD};
+use pnp_call::{Call, Part, Reply};
 use pnp_wire::content_type::Protocol;
-use pnp_wire::frame::{FrameBuf, FrameDecoder, FrameKind};
+use pnp_wire::frame::FrameBuf;
 
 use hyper::client::conn::http2::SendRequest;
 
 use crate::api::{BoxFuture, Capabilities, Estimate, Kind, Meter, Transport};
 use crate::batch::{Batched, BatchedExecutor};
 use crate::connect::{connector, open, Alpn, Endpoint};
-use crate::grpc::{self, Decoded};
+use crate::grpc;
 use crate::{Blame, TransportError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -338,23 +336,7 @@ fn reply_from_response(
     max_message_size: usize,
     in_flight: InFlight,
 ) -> Reply {
-    let (parts, body) = response.into_parts();
-    let head = match grpc::grpc_answer(parts.status, parts.headers) {
-        grpc::Answer::Stream(head) => head,
-        grpc::Answer::TrailersOnly(status) | grpc::Answer::NotGrpc(status) => {
-            return Reply::TrailersOnly(status)
-        }
-    };
-    Reply::Stream {
-        head,
-        items: Box::pin(ReplyStream {
-            body,
-            decoder: FrameDecoder::new(FrameKind::Grpc, max_message_size)
-                .with_fragments(FRAGMENT_THRESHOLD),
-            done: false,
-            _in_flight: in_flight,
-        }),
-    }
+    grpc::reply_from_response(response, max_message_size, in_flight)
 }
 
 /// A request part as bytes on the wire: a whole frame, a frame header, or payload bytes.
@@ -363,74 +345,5 @@ pub fn part_frame(part: Part) -> FrameBuf {
         Part::Message(message) => FrameBuf::message(message.compressed, message.data),
         Part::Head { compressed, len } => FrameBuf::head(compressed, len),
         Part::Fragment { data, .. } => FrameBuf::raw(data),
-    }
-}
-
-/// Decodes an upstream body into reply items, one message at a time.
-struct ReplyStream {
-    body: Incoming,
-    decoder: FrameDecoder,
-    done: bool,
-    _in_flight: InFlight,
-}
-
-impl ReplyStream {
-    fn finish(&mut self, status: Status) -> Poll<Option<ReplyItem>> {
-        self.done = true;
-        Poll::Ready(Some(ReplyItem::Status(status)))
-    }
-}
-
-impl Stream for ReplyStream {
-    type Item = ReplyItem;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ReplyItem>> {
-        let this = self.get_mut();
-        loop {
-            if this.done {
-                return Poll::Ready(None);
-            }
-            match grpc::next_item(&mut this.decoder) {
-                Decoded::Item(item) => return Poll::Ready(Some(item)),
-                Decoded::Trailers(_) => return this.finish(grpc::trailer_frame_on_grpc()),
-                Decoded::Failed(status) => return this.finish(status),
-                Decoded::NeedMore => {}
-            }
-            let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
-            match frame {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => this.decoder.push(data),
-                    Err(frame) => {
-                        let status = match frame.into_trailers() {
-                            Ok(trailers) => match this.decoder.finish() {
-                                Err(e) => grpc::frame_error_status(&e),
-                                Ok(()) => Status::from_headers(&trailers).unwrap_or_else(|| {
-                                    Status::new(
-                                        Code::Internal,
-                                        "upstream sent trailers without grpc-status",
-                                    )
-                                }),
-                            },
-                            Err(_) => continue,
-                        };
-                        return this.finish(status);
-                    }
-                },
-                Some(Err(e)) => {
-                    let err = TransportError::from_http(&e, "upstream stream failed");
-                    return this.finish(*err.status);
-                }
-                None => {
-                    let status = match this.decoder.finish() {
-                        Err(e) => grpc::frame_error_status(&e),
-                        Ok(()) => Status::new(
-                            Code::Internal,
-                            "upstream ended the stream without trailers (no grpc-status)",
-                        ),
-                    };
-                    return this.finish(status);
-                }
-            }
-        }
     }
 }

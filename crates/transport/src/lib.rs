@@ -16,6 +16,7 @@ pub mod batch;
 mod connect;
 mod error;
 mod grpc;
+pub use grpc::reply_from_response;
 pub mod http1;
 pub mod http2;
 pub mod http3;

@@ -3,6 +3,9 @@
 //! pnp whose upstream is that listener.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
 
 use pnp_config::{Config, H3Listener, TlsFiles};
 use pnp_interop_tests::Stack;
@@ -92,4 +95,73 @@ pub async fn edge(h3_port: u16, certs: &Certs, configure: impl FnOnce(&mut Confi
         configure(config);
     })
     .await
+}
+
+/// An HTTP/3 client of the cluster's listener: quinn + h3, trusting the test CA.
+pub async fn h3_client(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+) -> (
+    quinn::Endpoint,
+    h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+) {
+    h3_connect(addr, ca).await.expect("an HTTP/3 connection")
+}
+
+/// [`h3_client`], or why the connection could not be made.
+pub async fn h3_connect(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+) -> Result<
+    (
+        quinn::Endpoint,
+        h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    ),
+    String,
+> {
+    h3_connect_with(addr, ca, quinn::TransportConfig::default()).await
+}
+
+/// [`h3_connect`] with the client's own QUIC settings (its receive windows, its idle timeout).
+pub async fn h3_connect_with(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    transport: quinn::TransportConfig,
+) -> Result<
+    (
+        quinn::Endpoint,
+        h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    ),
+    String,
+> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca).expect("CA");
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.expect("cert")).expect("root");
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("TLS 1.3")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS");
+    let mut endpoint = quinn::Endpoint::client(loopback()).expect("client endpoint");
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(transport));
+    endpoint.set_default_client_config(client);
+    let conn = endpoint
+        .connect(addr, "localhost")
+        .map_err(|e| format!("connect: {e}"))?
+        .await
+        .map_err(|e| format!("QUIC handshake: {e}"))?;
+    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn))
+        .await
+        .map_err(|e| format!("HTTP/3 setup: {e}"))?;
+    tokio::spawn(async move {
+        let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+    });
+    Ok((endpoint, send))
 }
