@@ -1413,8 +1413,14 @@ mod tests {
     fn the_kubernetes_configs_parse() {
         for (name, text) in [
             ("base", include_str!("../../../deploy/k8s/base/pnp.toml")),
-            ("dev", include_str!("../../../deploy/k8s/overlays/dev/pnp.toml")),
-            ("prod", include_str!("../../../deploy/k8s/overlays/prod/pnp.toml")),
+            (
+                "dev",
+                include_str!("../../../deploy/k8s/overlays/dev/pnp.toml"),
+            ),
+            (
+                "prod",
+                include_str!("../../../deploy/k8s/overlays/prod/pnp.toml"),
+            ),
         ] {
             let config =
                 Config::from_toml(text).unwrap_or_else(|e| panic!("the {name} pnp.toml: {e}"));
@@ -1424,7 +1430,11 @@ mod tests {
                 Some(std::path::Path::new("/link")),
                 "{name}"
             );
-            assert_eq!(config.shutdown.grace_period, Duration::from_secs(30), "{name}");
+            assert_eq!(
+                config.shutdown.grace_period,
+                Duration::from_secs(30),
+                "{name}"
+            );
             assert!(config.resilience.peer_available, "{name}");
             if name == "prod" {
                 assert!(config.listener.tls.is_some() && config.listener.h3.is_some());
