@@ -54,6 +54,7 @@ pub(crate) struct ControlArgs {
 }
 
 pub(crate) async fn run(args: ControlArgs) -> anyhow::Result<()> {
+    let stop = crate::ShutdownSignal::listen();
     std::fs::create_dir_all(&args.link_dir)
         .with_context(|| format!("creating {}", args.link_dir.display()))?;
     let tls = pnp_control::ServerTls::from_files(
@@ -81,7 +82,7 @@ pub(crate) async fn run(args: ControlArgs) -> anyhow::Result<()> {
         plane.local_addr(),
         args.link_dir.display()
     );
-    crate::shutdown_signal().await;
+    stop.received().await;
     tracing::info!("signal received: stopping the control plane");
     plane.shutdown().await;
     Ok(())

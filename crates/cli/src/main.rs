@@ -184,6 +184,7 @@ fn init_tracing(format: LogFormat) -> pnp_telemetry::TracingGuard {
 }
 
 async fn serve(args: ServeArgs, with_control: bool) -> anyhow::Result<()> {
+    let stop = ShutdownSignal::listen();
     let source = match &args.config {
         Some(path) => Some(
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
@@ -330,7 +331,7 @@ async fn serve(args: ServeArgs, with_control: bool) -> anyhow::Result<()> {
         }
     };
     let grace = tokio::select! {
-        () = shutdown_signal() => {
+        () = stop.received() => {
             tracing::info!("signal received: stopping");
             None
         }
@@ -357,34 +358,69 @@ async fn serve(args: ServeArgs, with_control: bool) -> anyhow::Result<()> {
 }
 
 async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
+    let stop = ShutdownSignal::listen();
     let demo = pnp_demo::DemoUpstream::start(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
     // Tests read this line to learn the port.
     println!("listening on {}", demo.local_addr());
-    shutdown_signal().await;
+    stop.received().await;
     demo.shutdown().await;
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or SIGINT, listened for from the moment this is made: one that arrives while pnp is
+/// still starting (a pod deleted at once, a test that does not wait) is kept for the drain
+/// instead of killing the process, which is the signals' default action before a handler is
+/// installed.
+pub(crate) struct ShutdownSignal {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignal {
+    /// Installs the handlers (needs the tokio runtime).
+    pub(crate) fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Self {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
             }
         }
+        #[cfg(not(unix))]
+        {
+            Self {}
+        }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Resolves at the first signal, or at once if one came since [`ShutdownSignal::listen`].
+    pub(crate) async fn received(mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+                match signal {
+                    Some(signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            if self.term.is_none() && self.int.is_none() {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+            tokio::select! {
+                () = next(&mut self.term) => {}
+                () = next(&mut self.int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
