@@ -1291,6 +1291,24 @@ mod tests {
         }
     }
 
+    /// Every TOML example in README.md is a config pnp takes as it stands (the negotiation
+    /// table, the UCX settings, …): an example that stops parsing fails here.
+    #[test]
+    fn the_readme_examples_parse() {
+        let readme = include_str!("../../../README.md");
+        let mut blocks = 0;
+        let mut rest = readme;
+        while let Some(start) = rest.find("```toml\n") {
+            let body = &rest[start + "```toml\n".len()..];
+            let end = body.find("```").expect("a closed block");
+            let block = &body[..end];
+            Config::from_toml(block).unwrap_or_else(|e| panic!("{e}\n{block}"));
+            blocks += 1;
+            rest = &body[end..];
+        }
+        assert!(blocks >= 3, "{blocks} TOML examples found");
+    }
+
     #[test]
     fn unknown_keys_are_named() {
         let err = Config::from_toml("[listener]\nadress = \"x\"\n").expect_err("typo must fail");
