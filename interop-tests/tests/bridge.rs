@@ -25,7 +25,8 @@ use tonic::{Code, Request};
 const CANCEL_OBSERVED_WITHIN: Duration = Duration::from_secs(2);
 
 macro_rules! per_hop {
-    ($($hop:ident => $name:ident),* $(,)?) => {$(
+    ($($(#[$attr:meta])* $hop:ident => $name:ident),* $(,)?) => {$(
+        $(#[$attr])*
         mod $name {
             use super::*;
 
@@ -57,7 +58,15 @@ macro_rules! per_hop {
     )*};
 }
 
-per_hop!(H1 => h1, H2 => h2, H3 => h3);
+per_hop!(
+    H1 => h1,
+    H2 => h2,
+    H3 => h3,
+    // UCX needs the system library: `cargo test -p pnp-interop-tests --features ucx`
+    // (`scripts/test` runs it).
+    #[cfg(feature = "ucx")]
+    Ucx => ucx,
+);
 
 mod cases {
     use super::*;

@@ -85,6 +85,10 @@ struct ServeArgs {
     /// HTTP/3 (QUIC, UDP) listen address beside the TCP one; needs --tls-cert and --tls-key.
     #[arg(long)]
     listen_h3: Option<SocketAddr>,
+    /// UCX listener for peer pnp instances (`ucx://` upstreams): the address of its TCP side
+    /// channel. Needs a build with the `ucx` feature (`cargo build --features ucx`).
+    #[arg(long)]
+    listen_ucx: Option<SocketAddr>,
     /// PEM certificate chain of the listeners (TLS on TCP, and HTTP/3); with --tls-key.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -92,7 +96,8 @@ struct ServeArgs {
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Upstream gRPC server: http://host:port (h2c), https://host:port (TLS), h3://host:port
-    /// (HTTP/3 to a peer pnp's --listen-h3) or `demo`.
+    /// (HTTP/3 to a peer pnp's --listen-h3), ucx://host:port (UCX to a peer pnp's
+    /// --listen-ucx), h1://host:port (chunked HTTP/1.1) or `demo`.
     #[arg(long)]
     upstream: Option<String>,
     /// Extra PEM root certificates to trust for https:// and h3:// upstreams (beside the
@@ -227,6 +232,18 @@ async fn serve(args: ServeArgs, with_control: bool) -> anyhow::Result<()> {
         h3.addr = addr;
         config.listener.h3 = Some(h3);
     }
+    if let Some(addr) = args.listen_ucx {
+        let mut ucx = config
+            .listener
+            .ucx
+            .take()
+            .unwrap_or(pnp_config::UcxListener {
+                addr,
+                settings: pnp_config::UcxSettings::default(),
+            });
+        ucx.addr = addr;
+        config.listener.ucx = Some(ucx);
+    }
     if let Some(grace) = args.grace_period {
         config.shutdown.grace_period = grace;
     }
@@ -314,6 +331,9 @@ async fn serve(args: ServeArgs, with_control: bool) -> anyhow::Result<()> {
     );
     if let Some(h3) = proxy.local_h3_addr() {
         eprintln!("pnp listening for HTTP/3 on {h3} (UDP)");
+    }
+    if let Some(ucx) = proxy.local_ucx_addr() {
+        eprintln!("pnp listening for UCX peers on {ucx} (TCP side channel)");
     }
     let stop_control = tokio_util::sync::CancellationToken::new();
     let supervisor = control.map(|control| {

@@ -109,6 +109,50 @@ pub struct Listener {
     pub tcp_keepalive: Option<Duration>,
     /// The HTTP/3 (QUIC) listener beside the TCP one; `None` runs none. Needs `tls`.
     pub h3: Option<H3Listener>,
+    /// The UCX listener for peer pnp instances (`ucx://` upstreams); `None` runs none.
+    pub ucx: Option<UcxListener>,
+}
+
+/// The UCX listener (`[listener.ucx]`, `--listen-ucx`): where peer pnp instances whose
+/// upstream is `ucx://HOST:PORT` connect (a TCP side channel; the calls then go over whatever
+/// UCX picks: RDMA, shared memory or TCP).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UcxListener {
+    /// The side channel's TCP address; port 0 lets the OS choose.
+    pub addr: SocketAddr,
+    /// UCX settings of the listener.
+    pub settings: UcxSettings,
+}
+
+/// UCX settings of a UCX listener or a `ucx://` upstream (the names are UCX's environment
+/// variables without `UCX_`; what is not set keeps UCX's default or the process's `UCX_*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UcxSettings {
+    /// `TLS`: `tcp`, `sm`, `rc_x,ud_x,sm`, `dc_x` (RoCEv2), …
+    pub tls: Option<String>,
+    /// `NET_DEVICES`: `lo`, `mlx5_0:1`, …
+    pub net_devices: Option<String>,
+    /// `RNDV_THRESH`: the size from which UCX uses its rendezvous (zero-copy) protocol.
+    pub rndv_thresh: Option<String>,
+    /// Any other UCX setting, e.g. `IB_GID_INDEX = "3"` for RoCEv2.
+    pub extra: Vec<(String, String)>,
+    /// Payload bytes a call may have unread in this process, per direction (per-call credit).
+    pub call_window: u32,
+    /// Largest message payload in one frame; longer messages go as a head and fragments.
+    pub max_fragment: u32,
+}
+
+impl Default for UcxSettings {
+    fn default() -> Self {
+        Self {
+            tls: None,
+            net_devices: None,
+            rndv_thresh: None,
+            extra: Vec::new(),
+            call_window: 8 << 20,
+            max_fragment: 2 << 20,
+        }
+    }
 }
 
 /// The HTTP/3 listener: UDP, TLS 1.3 with the listener's certificate, ALPN `h3`, no 0-RTT.
@@ -164,6 +208,8 @@ pub struct Upstream {
     /// Chunked HTTP/1.1 upstreams (`h1://`): connections open at once, one call each, so the
     /// most calls in flight; as many stay open idle for later calls.
     pub h1_connections: usize,
+    /// UCX settings of a `ucx://` upstream (`[upstream.ucx]`).
+    pub ucx: UcxSettings,
     /// The same peer over several transports (`upstream.transports`), in order of preference,
     /// at most one per protocol; the call's profile picks among them (see
     /// [`Negotiation`]). Empty: the target alone.
@@ -289,6 +335,7 @@ impl Config {
                 keepalive_timeout: Duration::from_secs(20),
                 tcp_keepalive: Some(Duration::from_secs(60)),
                 h3: None,
+                ucx: None,
             },
             admin: DEFAULT_ADMIN.parse().ok(),
             upstream: Upstream {
@@ -298,6 +345,7 @@ impl Config {
                 connections: 4,
                 stream_window: DEFAULT_STREAM_WINDOW,
                 h1_connections: DEFAULT_H1_CONNECTIONS,
+                ucx: UcxSettings::default(),
                 transports: Vec::new(),
             },
             cors: Cors {

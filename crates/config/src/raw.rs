@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use crate::{
     parse_code, parse_size, AllowedOrigins, Config, ConfigError, Cors, FirstMessage, H3Listener,
     Jobs, Limits, Negotiation, Profile, Resilience, RetrySettings, Route, Shutdown, SwitchRule,
-    TlsFiles, Upstream, UpstreamTarget, DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE_PERIOD,
-    DEFAULT_PROFILE,
+    TlsFiles, UcxListener, UcxSettings, Upstream, UpstreamTarget, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_GRACE_PERIOD, DEFAULT_PROFILE,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -175,6 +175,61 @@ struct RawListener {
     keepalive_timeout: Option<String>,
     tcp_keepalive: Option<String>,
     h3: Option<RawH3>,
+    ucx: Option<RawUcxListener>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUcxListener {
+    addr: String,
+    tls: Option<String>,
+    net_devices: Option<String>,
+    rndv_thresh: Option<String>,
+    #[serde(default)]
+    extra: BTreeMap<String, String>,
+    call_window: Option<String>,
+    max_fragment: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUcx {
+    tls: Option<String>,
+    net_devices: Option<String>,
+    rndv_thresh: Option<String>,
+    #[serde(default)]
+    extra: BTreeMap<String, String>,
+    call_window: Option<String>,
+    max_fragment: Option<String>,
+}
+
+impl RawUcx {
+    fn into_settings(self, key: &str) -> Result<UcxSettings, ConfigError> {
+        let d = UcxSettings::default();
+        let size = |field: &str, text: &Option<String>, default: u32| match text {
+            None => Ok(default),
+            Some(text) => parse_size(text)
+                .ok()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| (64 * 1024..=(1 << 30)).contains(n))
+                .ok_or_else(|| invalid(&format!("{key}.{field}"), "must be 64KiB … 1GiB")),
+        };
+        let settings = UcxSettings {
+            call_window: size("call_window", &self.call_window, d.call_window)?,
+            max_fragment: size("max_fragment", &self.max_fragment, d.max_fragment)?,
+            tls: self.tls,
+            net_devices: self.net_devices,
+            rndv_thresh: self.rndv_thresh,
+            extra: self.extra.into_iter().collect(),
+        };
+        if settings.max_fragment > settings.call_window {
+            return Err(invalid(
+                &format!("{key}.max_fragment"),
+                "is larger than call_window",
+            ));
+        }
+        Ok(settings)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -211,6 +266,7 @@ struct RawUpstream {
     h1_connections: Option<usize>,
     /// The same peer over several transports, in order of preference.
     transports: Option<Vec<String>>,
+    ucx: Option<RawUcx>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -654,18 +710,20 @@ pub(crate) fn parse_upstream(key: &str, text: &str) -> Result<UpstreamTarget, Co
     let url = url::Url::parse(text).map_err(|e| invalid(key, format!("`{text}`: {e}")))?;
     match url.scheme() {
         "http" | "https" | "h1" | "h1s" => {}
-        "h3" => {
+        "h3" | "ucx" => {
             if url.port().is_none() {
                 return Err(invalid(
                     key,
-                    format!("`{text}` needs a port (h3://host:port, the peer's UDP port)"),
+                    format!(
+                        "`{text}` needs a port (h3://host:port, the peer's UDP port; ucx://host:port, the peer's --listen-ucx)"
+                    ),
                 ));
             }
         }
         other => {
             return Err(invalid(
                 key,
-                format!("scheme `{other}` is not supported (use http:// for h2c, https:// for HTTP/2 over TLS, h1:// or h1s:// for chunked HTTP/1.1, h3:// for HTTP/3, or `demo`)"),
+                format!("scheme `{other}` is not supported (use http:// for h2c, https:// for HTTP/2 over TLS, h1:// or h1s:// for chunked HTTP/1.1, h3:// for HTTP/3, ucx:// for UCX, or `demo`)"),
             ))
         }
     }
@@ -763,6 +821,20 @@ impl RawConfig {
             }
             config.listener.h3 = Some(listener);
         }
+        if let Some(ucx) = self.listener.ucx {
+            let settings = RawUcx {
+                tls: ucx.tls,
+                net_devices: ucx.net_devices,
+                rndv_thresh: ucx.rndv_thresh,
+                extra: ucx.extra,
+                call_window: ucx.call_window,
+                max_fragment: ucx.max_fragment,
+            };
+            config.listener.ucx = Some(UcxListener {
+                addr: parse_addr("listener.ucx.addr", &ucx.addr)?,
+                settings: settings.into_settings("listener.ucx")?,
+            });
+        }
         if let Some(trust) = self.edge.trust_job_header {
             config.edge.trust_job_header = trust;
         }
@@ -813,7 +885,13 @@ impl RawConfig {
                 urls
             }
         };
+        let upstream_ucx = self
+            .upstream
+            .ucx
+            .unwrap_or_default()
+            .into_settings("upstream.ucx")?;
         config.upstream = Upstream {
+            ucx: upstream_ucx,
             target: match (&self.upstream.url, transports.first()) {
                 (Some(url), _) => parse_upstream("upstream.url", url)?,
                 (None, Some(first)) => UpstreamTarget::Url(first.clone()),
@@ -1165,6 +1243,70 @@ mod tests {
             let err = Config::from_toml(&doc).expect_err(&doc).to_string();
             assert!(err.contains(key) && err.contains(says), "{doc}: {err}");
         }
+    }
+
+    #[test]
+    fn ucx_listener_upstream_and_tuning() {
+        let config = Config::from_toml(
+            r#"
+            [listener.ucx]
+            addr = "0.0.0.0:13337"
+            tls = "rc_x,ud_x,sm"
+            net_devices = "mlx5_0:1"
+            rndv_thresh = "64K"
+            extra = { IB_GID_INDEX = "3" }
+            [upstream]
+            url = "ucx://cluster:13337"
+            [upstream.ucx]
+            tls = "tcp"
+            call_window = "16MiB"
+            "#,
+        )
+        .expect("valid");
+        let listener = config.listener.ucx.expect("a UCX listener");
+        assert_eq!(listener.addr.port(), 13337);
+        assert_eq!(listener.settings.tls.as_deref(), Some("rc_x,ud_x,sm"));
+        assert_eq!(
+            listener.settings.extra,
+            [("IB_GID_INDEX".to_owned(), "3".to_owned())]
+        );
+        assert_eq!(config.upstream.ucx.call_window, 16 << 20);
+        assert!(
+            matches!(config.upstream.target, UpstreamTarget::Url(ref u) if u.scheme() == "ucx")
+        );
+        for (doc, key) in [
+            ("[upstream]\nurl = \"ucx://cluster\"", "upstream.url"),
+            (
+                "[listener.ucx]\naddr = \"0.0.0.0:1\"\ncall_window = \"1KiB\"",
+                "listener.ucx.call_window",
+            ),
+            ("[listener.ucx]\naddr = \"0.0.0.0:1\"\ntsl = \"tcp\"", "tsl"),
+            (
+                "[upstream.ucx]\nmax_fragment = \"64MiB\"",
+                "upstream.ucx.max_fragment",
+            ),
+        ] {
+            let err = Config::from_toml(doc).expect_err(doc).to_string();
+            assert!(err.contains(key), "{doc}: {err}");
+        }
+    }
+
+    /// Every TOML example in README.md is a config pnp takes as it stands (the negotiation
+    /// table, the UCX settings, …): an example that stops parsing fails here.
+    #[test]
+    fn the_readme_examples_parse() {
+        let readme = include_str!("../../../README.md");
+        let mut blocks = 0;
+        let mut rest = readme;
+        while let Some(start) = rest.find("```toml\n") {
+            let body = &rest[start + "```toml\n".len()..];
+            let end = body.find("```").expect("a closed block");
+            let block = &body[..end];
+            Config::from_toml(block).unwrap_or_else(|e| panic!("{e}\n{block}"));
+            blocks += 1;
+            rest = &body[end..];
+        }
+        assert!(blocks >= 3, "{blocks} TOML examples found");
     }
 
     #[test]

@@ -36,6 +36,7 @@ mod resilience;
 mod responder;
 mod site;
 mod tls;
+mod ucxserver;
 
 use std::io;
 use std::net::SocketAddr;
@@ -104,6 +105,9 @@ pub struct Proxy {
     drain: tokio::sync::watch::Receiver<Option<Duration>>,
     /// The service every listener serves, for calls that arrive decoded.
     call_service: callserver::CallService,
+    local_ucx_addr: Option<SocketAddr>,
+    /// The UCX listener's task: it drains and ends once its calls are over.
+    ucx: Option<JoinHandle<()>>,
 }
 
 /// How often the data plane sends its counters to the control plane.
@@ -132,6 +136,16 @@ fn egress_transport(
             max_connections: config.upstream.h1_connections,
             max_idle: config.upstream.h1_connections,
         })?),
+        Some(pnp_transport::Kind::Ucx) => {
+            let host = upstream.host_str().unwrap_or_default();
+            let port = upstream.port().unwrap_or_default();
+            let mut options = ucx_options(&config.upstream.ucx);
+            options.connect_timeout = config.upstream.connect_timeout;
+            Arc::new(pnp_ucx::UcxTransport::new(
+                format!("{host}:{port}"),
+                options,
+            )?)
+        }
         Some(pnp_transport::Kind::H3) => Arc::new(Http3Transport::new(Http3Options {
             upstream,
             extra_roots_pem,
@@ -150,6 +164,19 @@ fn egress_transport(
             stream_window: config.upstream.stream_window,
         })?),
     })
+}
+
+/// pnp-ucx's options from the config's UCX settings.
+fn ucx_options(settings: &pnp_config::UcxSettings) -> pnp_ucx::UcxOptions {
+    let mut options = pnp_ucx::UcxOptions::with_tuning(pnp_ucx::UcxTuning {
+        tls: settings.tls.clone(),
+        net_devices: settings.net_devices.clone(),
+        rndv_thresh: settings.rndv_thresh.clone(),
+        extra: settings.extra.clone(),
+    });
+    options.call_window = settings.call_window;
+    options.max_fragment = settings.max_fragment;
+    options
 }
 
 impl Proxy {
@@ -302,6 +329,24 @@ impl Proxy {
             .service(service);
 
         let call_service = callserver::CallService::new(service.clone());
+        let ucx = match &config.listener.ucx {
+            None => None,
+            Some(listener) => {
+                let bound =
+                    pnp_ucx::UcxListener::bind(listener.addr, ucx_options(&listener.settings))
+                        .await
+                        .map_err(io_err(format!("binding UCX {}", listener.addr)))?;
+                let addr = bound.local_addr();
+                let task = tokio::spawn(ucxserver::serve(
+                    bound,
+                    call_service.clone(),
+                    stop_accepting.clone(),
+                ));
+                Some((addr, task))
+            }
+        };
+        let local_ucx_addr = ucx.as_ref().map(|(addr, _)| *addr);
+        let ucx = ucx.map(|(_, task)| task);
 
         let tcp = listener::bind(config.listener.addr)
             .map_err(io_err(format!("binding {}", config.listener.addr)))?;
@@ -362,6 +407,8 @@ impl Proxy {
             inner,
             drain: drain_rx,
             call_service,
+            local_ucx_addr,
+            ucx,
         })
     }
 
@@ -391,6 +438,11 @@ impl Proxy {
     /// in force stays). Sections that need a restart are reported in the diff, not applied.
     pub fn apply_config(&self, toml: &str, dry_run: bool) -> Result<ConfigChange, String> {
         self.inner.apply_config(toml, dry_run)
+    }
+
+    /// Where the UCX listener takes peer pnp instances, when `listener.ucx` is set.
+    pub fn local_ucx_addr(&self) -> Option<SocketAddr> {
+        self.local_ucx_addr
     }
 
     /// Serve one call that arrived already decoded (from a peer pnp over UCX) from `peer`,
@@ -445,12 +497,20 @@ impl Proxy {
         let connections =
             drain.connections() + h3_drain.as_ref().map_or(0, listener::Drain::connections);
         tracing::info!(connections, ?grace, "draining");
+        let ucx = self.ucx;
         let finished = async move {
+            let ucx = async move {
+                if let Some(task) = ucx {
+                    let _ = task.await;
+                }
+            };
             match h3_drain {
                 Some(h3) => {
-                    tokio::join!(drain.shutdown(), h3.shutdown());
+                    tokio::join!(drain.shutdown(), h3.shutdown(), ucx);
                 }
-                None => drain.shutdown().await,
+                None => {
+                    tokio::join!(drain.shutdown(), ucx);
+                }
             }
         };
         tokio::pin!(finished);

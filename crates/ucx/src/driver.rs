@@ -409,7 +409,13 @@ impl Driver {
                 head,
                 slot,
             } => {
-                let Some(c) = self.conns.get_mut(&conn) else {
+                // Gone, or the peer said go-away before this open left: not sent, so safe to
+                // retry (a go-away that comes later ends it the same way if it was refused).
+                let Some(c) = self
+                    .conns
+                    .get_mut(&conn)
+                    .filter(|c| !c.draining.is_cancelled())
+                else {
                     slot.end(Some(Err(Box::new(Status::new(
                         Code::Unavailable,
                         NOT_SENT,

@@ -375,10 +375,13 @@ async fn a_draining_listener_finishes_its_calls_and_refuses_new_ones_safely() {
         .expect("accept returns");
     assert!(accepted.is_none(), "a draining listener accepts nothing");
     // A new call is refused, and safe to send elsewhere.
-    let err = transport
-        .call(call("/test.Echo/Echo", vec![message("new")]))
-        .await
-        .expect_err("draining");
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        transport.call(call("/test.Echo/Echo", vec![message("new")])),
+    )
+    .await
+    .expect("a new call ends at once")
+    .expect_err("draining");
     assert_eq!(err.status.code, Code::Unavailable, "{err}");
     assert!(err.unprocessed, "{err}");
     // The call in flight goes on to a clean end.

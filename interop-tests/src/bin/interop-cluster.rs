@@ -3,8 +3,9 @@
 //! so the edge pnp in the test reaches it over a veth pair whose packets nftables can drop.
 //!
 //! Usage: `interop-cluster IP CERT KEY`. Listens with TLS on `IP:0` over TCP (HTTP/2 and
-//! HTTP/1.1) and QUIC (HTTP/3), the demo upstream on `127.0.0.1:0`; prints
-//! `listening tcp=PORT udp=PORT` on stdout once it serves, then serves until killed.
+//! HTTP/1.1) and QUIC (HTTP/3), the demo upstream on `127.0.0.1:0`; with
+//! `PNP_CLUSTER_UCX=1` also for UCX peers on `IP:0` (UCX over TCP on `lo`); prints
+//! `listening tcp=PORT udp=PORT [ucx=PORT]` on stdout once it serves, then serves until killed.
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -51,6 +52,16 @@ async fn main() -> ExitCode {
     });
     config.listener.h3 = Some(H3Listener::new(SocketAddr::new(ip, 0)));
     config.admin = None;
+    if std::env::var_os("PNP_CLUSTER_UCX").is_some_and(|v| v == "1") {
+        config.listener.ucx = Some(pnp_config::UcxListener {
+            addr: SocketAddr::new(ip, 0),
+            settings: pnp_config::UcxSettings {
+                tls: Some("tcp".into()),
+                net_devices: Some("lo".into()),
+                ..pnp_config::UcxSettings::default()
+            },
+        });
+    }
     let proxy = match Proxy::start(config).await {
         Ok(proxy) => proxy,
         Err(e) => {
@@ -63,9 +74,13 @@ async fn main() -> ExitCode {
         return ExitCode::FAILURE;
     };
     let mut stdout = std::io::stdout().lock();
+    let ucx = proxy
+        .local_ucx_addr()
+        .map(|addr| format!(" ucx={}", addr.port()))
+        .unwrap_or_default();
     if writeln!(
         stdout,
-        "listening tcp={} udp={}",
+        "listening tcp={} udp={}{ucx}",
         proxy.local_addr().port(),
         udp.port()
     )

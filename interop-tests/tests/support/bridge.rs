@@ -22,6 +22,10 @@ pub enum Hop {
     H2,
     /// HTTP/3 over QUIC, TLS with a test CA.
     H3,
+    /// pnp's call framing over UCX (loopback TCP here; `UCX_TLS=tcp`, `UCX_NET_DEVICES=lo`).
+    Ucx,
+    /// The same over UCX's shared memory (`UCX_TLS=sm`).
+    UcxSm,
 }
 
 impl Hop {
@@ -43,6 +47,7 @@ impl Hop {
             Hop::H1 => "h1",
             Hop::H2 => "h2",
             Hop::H3 => "h3",
+            Hop::Ucx | Hop::UcxSm => "ucx",
         }
     }
 }
@@ -63,6 +68,33 @@ pub async fn pair(
             let edge = edge(port, &certs, configure).await;
             (cluster, edge, Some(certs))
         }
+        Hop::Ucx | Hop::UcxSm => {
+            let settings = if hop == Hop::UcxSm {
+                pnp_config::UcxSettings {
+                    tls: Some("sm".into()),
+                    ..pnp_config::UcxSettings::default()
+                }
+            } else {
+                ucx_loopback()
+            };
+            let listener_settings = settings.clone();
+            let cluster = Stack::proxy_for(upstream, |config| {
+                config.listener.ucx = Some(pnp_config::UcxListener {
+                    addr: loopback(),
+                    settings: listener_settings,
+                });
+                configure.clone()(config);
+            })
+            .await;
+            let port = cluster.local_ucx_addr().expect("a UCX listener").port();
+            let url = url::Url::parse(&format!("ucx://127.0.0.1:{port}")).expect("ucx URL");
+            let edge = Stack::proxy_for(url, |config| {
+                config.upstream.ucx = settings;
+                configure(config);
+            })
+            .await;
+            (cluster, edge, None)
+        }
         Hop::H1 | Hop::H2 => {
             let cluster = Stack::proxy_for(upstream, configure.clone()).await;
             let scheme = if hop == Hop::H1 { "h1" } else { "http" };
@@ -71,6 +103,15 @@ pub async fn pair(
             let edge = Stack::proxy_for(url, configure).await;
             (cluster, edge, None)
         }
+    }
+}
+
+/// UCX over loopback TCP, as the UCX tests run it.
+pub fn ucx_loopback() -> pnp_config::UcxSettings {
+    pnp_config::UcxSettings {
+        tls: Some("tcp".into()),
+        net_devices: Some("lo".into()),
+        ..pnp_config::UcxSettings::default()
     }
 }
 
