@@ -103,6 +103,9 @@ pub struct Proxy {
     admin: Option<JoinHandle<()>>,
     inner: Arc<ingress::Inner>,
     drain: tokio::sync::watch::Receiver<Option<Duration>>,
+    /// Cancelled once the proxy has stopped: its background tasks end (and with them the
+    /// last hold on its egress transports).
+    stopped: CancellationToken,
     /// The service every listener serves, for calls that arrive decoded.
     call_service: callserver::CallService,
     local_ucx_addr: Option<SocketAddr>,
@@ -227,7 +230,9 @@ impl Proxy {
             config.upstream.connect_timeout,
         )
         .map_err(StartError::Config)?;
-        negotiator.spawn_prober(end_streams.clone());
+        // Background work that ends when the proxy has stopped (the prober, the stats).
+        let stopped = CancellationToken::new();
+        negotiator.spawn_prober(stopped.clone());
         let upstream = resilience::GuardedUpstream::new(
             upstream_name.trim_end_matches('/').to_owned(),
             &config.resilience,
@@ -264,12 +269,7 @@ impl Proxy {
             )))?;
             inner.negotiator.set_events(sink.clone());
             inner.upstream.set_events(sink.clone());
-            control::spawn_stats(
-                inner.clone(),
-                sink.clone(),
-                STATS_EVERY,
-                end_streams.clone(),
-            );
+            control::spawn_stats(inner.clone(), sink.clone(), STATS_EVERY, stopped.clone());
             tokio::spawn(control::steer(inner.clone(), sink, drain_tx, commands));
             tracing::info!(dir = %dir.display(), "control link open");
         }
@@ -406,6 +406,7 @@ impl Proxy {
             admin,
             inner,
             drain: drain_rx,
+            stopped,
             call_service,
             local_ucx_addr,
             ucx,
@@ -531,6 +532,7 @@ impl Proxy {
         if let Some(admin) = self.admin {
             admin.abort();
         }
+        self.stopped.cancel();
         tracing::info!("stopped");
     }
 }

@@ -158,11 +158,22 @@ impl DriverHandle {
 #[derive(Debug)]
 pub(crate) struct DriverOwner {
     pub(crate) handle: DriverHandle,
+    /// Closed (its sender dropped) when the driver thread has finished, UCX torn down.
+    finished: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
 }
+
+/// How long dropping a transport or listener waits for its UCX thread to tear UCX down.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 impl Drop for DriverOwner {
     fn drop(&mut self) {
         self.handle.send(Command::Shutdown);
+        // Wait (bounded) for the thread to destroy its UCX worker and context: a process that
+        // exits while a UCX thread still runs has its UCX libraries torn down under that
+        // thread (a crash at exit).
+        if let Ok(finished) = self.finished.lock() {
+            let _ = finished.recv_timeout(SHUTDOWN_WAIT);
+        }
     }
 }
 
@@ -175,10 +186,13 @@ pub(crate) fn start(
     let (tx, rx) = mpsc::unbounded_channel();
     let handle = DriverHandle { tx };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<Option<SocketAddr>>>();
+    let (finished_tx, finished) = std::sync::mpsc::channel::<()>();
     let thread_handle = handle.clone();
     std::thread::Builder::new()
         .name("pnp-ucx".into())
         .spawn(move || {
+            // Dropped last, when everything below (the worker, its UCX context) is gone.
+            let _finished = finished_tx;
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -245,7 +259,13 @@ pub(crate) fn start(
     let bound = ready_rx
         .recv()
         .map_err(|_| io::Error::other("the UCX thread stopped while starting"))??;
-    Ok((DriverOwner { handle }, bound))
+    Ok((
+        DriverOwner {
+            handle,
+            finished: std::sync::Mutex::new(finished),
+        },
+        bound,
+    ))
 }
 
 struct Conn {
