@@ -8,6 +8,9 @@
 #   bench/run.sh --scenarios S6,S9 --peers direct,pnp,envoy  # bulk: 4 GiB - 1, upload, concurrent
 #   bench/run.sh --scenarios S1,S2,S6 --peers direct,pnp,bridge-h1,bridge-h2,bridge-h3,quinn,quinn-defaults
 #                                     # two pnps bridged over h1/h2/h3, beside raw quinn (S6)
+#   bench/run.sh --scenarios S1,S2,S6 --peers direct,bridge-h2,bridge-ucx-tcp,bridge-ucx-sm
+#                                     # two pnps bridged over UCX (tcp on lo, shared memory);
+#   target/release/pnp-bench ucx-perftest   # ...and UCX's own ucx_perftest beside them
 #
 # Arguments go to `pnp-bench run` (see `pnp-bench run --help`). The load client runs on CPU 0
 # (beside the bench upstream); the peer under test is pinned to CPU 1 so every proxy gets one
@@ -26,7 +29,16 @@ if [[ "${INSTALL:-1}" == 1 ]]; then
     fi
 fi
 
-cargo build --release -p pnp -p pnp-bench
+# pnp with the UCX transport (the bridge-ucx-* peers) when the system UCX is there (Debian
+# libucx-dev, which scripts/install-test-deps installs); without it those peers fail to start
+# ("built without UCX") and every other peer runs as before.
+features=()
+if command -v pkg-config >/dev/null && pkg-config --exists ucx; then
+    features=(--features pnp/ucx)
+else
+    echo "run.sh: no system UCX (pkg-config ucx): pnp is built without UCX" >&2
+fi
+cargo build --release -p pnp -p pnp-bench "${features[@]}"
 
 # S5 holds thousands of sockets in the client, the proxy and the upstream.
 ulimit -n "$(ulimit -Hn)" || true

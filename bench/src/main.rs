@@ -49,6 +49,11 @@ enum Command {
     /// transfer, 64 KiB writes, default MTU. Prints Gbit/s and GiB per CPU-second (both
     /// processes' CPU).
     Quinn(QuinnArgs),
+    /// UCX's own benchmark, the reference for the UCX bridges: `ucx_perftest` (ucx-utils)
+    /// `tag_bw` for bulk sizes and `tag_lat` for small messages over `UCX_TLS=tcp` (on `lo`)
+    /// and `UCX_TLS=sm`, a fresh server and client per run, medians; writes
+    /// `ucx_perftest{SUFFIX}.json` and `.md` into `--out`.
+    UcxPerftest(UcxPerftestArgs),
     /// The raw quinn server (started by `run` and `quinn`).
     QuinnServer {
         /// UDP address to listen on.
@@ -100,12 +105,39 @@ struct QuinnArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct UcxPerftestArgs {
+    /// Output directory.
+    #[arg(long, default_value = "bench/results/ucx")]
+    out: PathBuf,
+    /// `tag_bw` message sizes, comma-separated, with units.
+    #[arg(long, default_value = "1MiB,16MiB,256MiB,1GiB")]
+    bw_sizes: String,
+    /// `tag_lat` message sizes, comma-separated, with units (an empty string runs none).
+    #[arg(long, default_value = "8B,100B")]
+    lat_sizes: String,
+    /// Transports, comma-separated: tcp (`UCX_TLS=tcp UCX_NET_DEVICES=lo`), sm (`UCX_TLS=sm`).
+    #[arg(long, default_value = "tcp,sm")]
+    transports: String,
+    /// Runs of each point (fresh processes each); the report shows medians.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Pin the server and the client: `S,C` (e.g. `1,1` puts both on CPU 1, the layout of a
+    /// bridge's two pnps in `run`); not pinned by default.
+    #[arg(long)]
+    cpus: Option<String>,
+    /// Suffix of the output file names (`ucx_perftest{SUFFIX}.json`).
+    #[arg(long, default_value = "")]
+    suffix: String,
+}
+
+#[derive(clap::Args, Debug)]
 struct RunArgs {
     /// Output directory.
     #[arg(long, default_value = "bench/results/latest")]
     out: PathBuf,
     /// Peers, comma-separated: direct,pnp,tonic-web,envoy,nginx, and the bridges bridge-h1,
-    /// bridge-h2, bridge-h3 and raw quinn (quinn, quinn-defaults; S6 only).
+    /// bridge-h2, bridge-h3, bridge-ucx-tcp, bridge-ucx-sm (these two need pnp built with
+    /// `--features ucx`) and raw quinn (quinn, quinn-defaults; S6 only).
     #[arg(long, default_value = "direct,pnp,tonic-web,envoy,nginx")]
     peers: String,
     /// Scenarios, comma-separated: S1..S9.
@@ -215,6 +247,7 @@ fn main() -> anyhow::Result<()> {
                 control,
             } => pnp_bench::quic::client_main(server, windows, &cert, control).await,
             Command::Quinn(args) => quinn(args).await,
+            Command::UcxPerftest(args) => ucx_perftest(&args),
             Command::Report { results } => {
                 let text = std::fs::read_to_string(&results)?;
                 let parsed: runner::Results = serde_json::from_str(&text)?;
@@ -408,6 +441,37 @@ async fn quinn(args: QuinnArgs) -> anyhow::Result<()> {
         }
     }
     let _ = std::fs::remove_dir_all(&workdir);
+    Ok(())
+}
+
+/// `pnp-bench ucx-perftest`.
+fn ucx_perftest(args: &UcxPerftestArgs) -> anyhow::Result<()> {
+    use pnp_bench::ucxperf::{self, Test, Transport};
+    let sizes = |text: &str, what: &str| list(text, runner::parse_size, what);
+    let mut tests: Vec<Test> = sizes(&args.bw_sizes, "tag_bw size")?
+        .into_iter()
+        .map(Test::bandwidth)
+        .collect();
+    tests.extend(
+        sizes(&args.lat_sizes, "tag_lat size")?
+            .into_iter()
+            .map(Test::latency),
+    );
+    let transports = list(&args.transports, Transport::parse, "UCX transport")?;
+    let cpus = match &args.cpus {
+        Some(text) => Some(
+            text.split_once(',')
+                .and_then(|(s, c)| Some((s.trim().parse().ok()?, c.trim().parse().ok()?)))
+                .with_context(|| format!("--cpus `{text}`: expected SERVER,CLIENT"))?,
+        ),
+        None => None,
+    };
+    let report = ucxperf::run_all(&transports, &tests, args.runs.max(1), cpus, |line| {
+        eprintln!("{line}")
+    })?;
+    ucxperf::write(&report, &args.out, &args.suffix)?;
+    println!("{}", ucxperf::markdown(&report));
+    eprintln!("wrote {}", args.out.display());
     Ok(())
 }
 

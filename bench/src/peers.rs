@@ -41,11 +41,16 @@ pub enum PeerKind {
     Quinn,
     /// Raw quinn as [`PeerKind::Quinn`], with quinn's default windows.
     QuinnDefaults,
+    /// Two pnp processes bridged over UCX with `TLS=tcp` on `lo` (`--upstream ucx://` to the
+    /// cluster's `[listener.ucx]`); needs the pnp binary built with `--features ucx`.
+    BridgeUcxTcp,
+    /// The same over UCX shared memory (`TLS=sm`).
+    BridgeUcxSm,
 }
 
 impl PeerKind {
     /// Every peer, in table order.
-    pub const ALL: [PeerKind; 10] = [
+    pub const ALL: [PeerKind; 12] = [
         PeerKind::Direct,
         PeerKind::Pnp,
         PeerKind::TonicWeb,
@@ -56,10 +61,18 @@ impl PeerKind {
         PeerKind::BridgeH3,
         PeerKind::Quinn,
         PeerKind::QuinnDefaults,
+        PeerKind::BridgeUcxTcp,
+        PeerKind::BridgeUcxSm,
     ];
 
     /// The bridges, in table order.
-    pub const BRIDGES: [PeerKind; 3] = [PeerKind::BridgeH1, PeerKind::BridgeH2, PeerKind::BridgeH3];
+    pub const BRIDGES: [PeerKind; 5] = [
+        PeerKind::BridgeH1,
+        PeerKind::BridgeH2,
+        PeerKind::BridgeH3,
+        PeerKind::BridgeUcxTcp,
+        PeerKind::BridgeUcxSm,
+    ];
 
     /// Short name for tables and the command line.
     pub fn name(self) -> &'static str {
@@ -74,15 +87,29 @@ impl PeerKind {
             PeerKind::BridgeH3 => "bridge-h3",
             PeerKind::Quinn => "quinn",
             PeerKind::QuinnDefaults => "quinn-defaults",
+            PeerKind::BridgeUcxTcp => "bridge-ucx-tcp",
+            PeerKind::BridgeUcxSm => "bridge-ucx-sm",
         }
     }
 
-    /// The scheme of the edge's `--upstream` for a bridge (`h1`, `http`, `h3`).
+    /// The scheme of the edge's `--upstream` for a bridge (`h1`, `http`, `h3`, `ucx`).
     pub fn bridge_scheme(self) -> Option<&'static str> {
         match self {
             PeerKind::BridgeH1 => Some("h1"),
             PeerKind::BridgeH2 => Some("http"),
             PeerKind::BridgeH3 => Some("h3"),
+            PeerKind::BridgeUcxTcp | PeerKind::BridgeUcxSm => Some("ucx"),
+            _ => None,
+        }
+    }
+
+    /// The UCX settings of a UCX bridge, as TOML lines for both `[listener.ucx]` and
+    /// `[upstream.ucx]`: `tls = "tcp"` on `lo` (without `net_devices` UCX also opens a lane
+    /// over the machine's external address), or `tls = "sm"`.
+    pub fn ucx_settings(self) -> Option<&'static str> {
+        match self {
+            PeerKind::BridgeUcxTcp => Some("tls = \"tcp\"\nnet_devices = \"lo\"\n"),
+            PeerKind::BridgeUcxSm => Some("tls = \"sm\"\n"),
             _ => None,
         }
     }
@@ -122,7 +149,9 @@ impl PeerKind {
             | PeerKind::Envoy
             | PeerKind::BridgeH1
             | PeerKind::BridgeH2
-            | PeerKind::BridgeH3 => true,
+            | PeerKind::BridgeH3
+            | PeerKind::BridgeUcxTcp
+            | PeerKind::BridgeUcxSm => true,
         }
     }
 
@@ -225,6 +254,9 @@ impl Tools {
             PeerKind::Nginx => self.nginx.is_some(),
             PeerKind::BridgeH1 | PeerKind::BridgeH2 | PeerKind::BridgeH3 => true,
             PeerKind::Quinn | PeerKind::QuinnDefaults => true,
+            // The bench links pnp without UCX: only a pnp binary built with `--features ucx`
+            // runs these.
+            PeerKind::BridgeUcxTcp | PeerKind::BridgeUcxSm => self.pnp.is_some(),
         }
     }
 
@@ -503,9 +535,11 @@ pub async fn start(kind: PeerKind, upstream: &Peer, tools: &Tools) -> anyhow::Re
                 running: Running::Task(tokio::spawn(async {})),
             })
         }
-        PeerKind::BridgeH1 | PeerKind::BridgeH2 | PeerKind::BridgeH3 => {
-            return start_bridge(kind, upstream, tools).await
-        }
+        PeerKind::BridgeH1
+        | PeerKind::BridgeH2
+        | PeerKind::BridgeH3
+        | PeerKind::BridgeUcxTcp
+        | PeerKind::BridgeUcxSm => return start_bridge(kind, upstream, tools).await,
         PeerKind::Quinn | PeerKind::QuinnDefaults => return start_quinn(kind, tools).await,
         PeerKind::Pnp => {
             let config = pnp_config();
@@ -648,10 +682,23 @@ async fn start_bridge(kind: PeerKind, upstream: &Peer, tools: &Tools) -> anyhow:
     let cluster_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     // The cluster's QUIC port (UDP), when it has one.
     let quic_addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
-    let hop = if h3 { quic_addr } else { cluster_addr };
+    // The cluster's UCX side channel (TCP), when it has one.
+    let ucx = kind.ucx_settings();
+    let ucx_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let hop = if h3 {
+        quic_addr
+    } else if ucx.is_some() {
+        ucx_addr
+    } else {
+        cluster_addr
+    };
     let edge_upstream = format!("{scheme}://{hop}");
     let edge_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let peer = match &tools.pnp {
+        None if ucx.is_some() => bail!(
+            "{} needs the pnp binary built with --features ucx",
+            kind.name()
+        ),
         None => {
             let mut cluster =
                 in_process_config(cluster_addr, &format!("http://{}", upstream.addr))?;
@@ -679,9 +726,30 @@ async fn start_bridge(kind: PeerKind, upstream: &Peer, tools: &Tools) -> anyhow:
             }
         }
         Some(pnp) => {
+            let name = kind.name();
             let config = tools.workdir.join("pnp.toml");
             std::fs::write(&config, pnp_config())?;
-            let common = |listen: SocketAddr, upstream: String| -> Vec<String> {
+            // A UCX bridge's two ends get the UCX settings in their configuration files.
+            let (cluster_config, edge_config) = match ucx {
+                Some(settings) => {
+                    let cluster = tools.workdir.join(format!("{name}-cluster.toml"));
+                    std::fs::write(
+                        &cluster,
+                        format!(
+                            "{}\n[listener.ucx]\naddr = \"{ucx_addr}\"\n{settings}",
+                            pnp_config()
+                        ),
+                    )?;
+                    let edge = tools.workdir.join(format!("{name}-edge.toml"));
+                    std::fs::write(
+                        &edge,
+                        format!("{}\n[upstream.ucx]\n{settings}", pnp_config()),
+                    )?;
+                    (cluster, edge)
+                }
+                None => (config.clone(), config.clone()),
+            };
+            let common = |config: &Path, listen: SocketAddr, upstream: String| -> Vec<String> {
                 vec![
                     "serve".into(),
                     "--config".into(),
@@ -694,8 +762,12 @@ async fn start_bridge(kind: PeerKind, upstream: &Peer, tools: &Tools) -> anyhow:
                     "127.0.0.1:0".into(),
                 ]
             };
-            let mut cluster_args = common(cluster_addr, format!("http://{}", upstream.addr));
-            let mut edge_args = common(edge_addr, edge_upstream);
+            let mut cluster_args = common(
+                &cluster_config,
+                cluster_addr,
+                format!("http://{}", upstream.addr),
+            );
+            let mut edge_args = common(&edge_config, edge_addr, edge_upstream);
             if let Some(certs) = &certs {
                 cluster_args.extend([
                     "--listen-h3".into(),
@@ -710,7 +782,6 @@ async fn start_bridge(kind: PeerKind, upstream: &Peer, tools: &Tools) -> anyhow:
                     certs.join("ca.pem").display().to_string(),
                 ]);
             }
-            let name = kind.name();
             let mut cluster = spawn(
                 tools,
                 tools.peer_cpu,
@@ -719,6 +790,14 @@ async fn start_bridge(kind: PeerKind, upstream: &Peer, tools: &Tools) -> anyhow:
                 &format!("{name}-cluster.log"),
             )?;
             wait_listening(cluster_addr, &mut cluster, &format!("{name}'s cluster pnp")).await?;
+            if ucx.is_some() {
+                wait_listening(
+                    ucx_addr,
+                    &mut cluster,
+                    &format!("{name}'s cluster UCX listener"),
+                )
+                .await?;
+            }
             let mut edge = spawn(
                 tools,
                 tools.peer_cpu,

@@ -23,6 +23,8 @@ fn color(peer: PeerKind) -> RGBColor {
         PeerKind::BridgeH3 => RGBColor(227, 119, 194),
         PeerKind::Quinn => RGBColor(23, 190, 207),
         PeerKind::QuinnDefaults => RGBColor(188, 189, 34),
+        PeerKind::BridgeUcxTcp => RGBColor(0, 128, 128),
+        PeerKind::BridgeUcxSm => RGBColor(128, 0, 64),
     }
 }
 

@@ -278,12 +278,14 @@ fn short(peer: PeerKind) -> &'static str {
         PeerKind::BridgeH1 => "h1",
         PeerKind::BridgeH2 => "h2",
         PeerKind::BridgeH3 => "h3",
+        PeerKind::BridgeUcxTcp => "ucx-tcp",
+        PeerKind::BridgeUcxSm => "ucx-sm",
         other => other.name(),
     }
 }
 
 /// The ratio columns for the peers in the run: pnp/envoy (when Envoy ran, or no bridge did),
-/// and each bridge over pnp and over direct.
+/// each bridge over pnp and over direct, and each UCX bridge over the HTTP/2 bridge.
 fn ratio_columns(peers: &[PeerKind]) -> Vec<(PeerKind, PeerKind)> {
     let has = |p| peers.contains(&p);
     let mut columns = Vec::new();
@@ -291,11 +293,16 @@ fn ratio_columns(peers: &[PeerKind]) -> Vec<(PeerKind, PeerKind)> {
     if has(PeerKind::Envoy) || bridges.is_empty() {
         columns.push((PeerKind::Pnp, PeerKind::Envoy));
     }
-    for bridge in bridges {
+    for &bridge in &bridges {
         for base in [PeerKind::Pnp, PeerKind::Direct] {
             if has(base) {
                 columns.push((bridge, base));
             }
+        }
+    }
+    for ucx in [PeerKind::BridgeUcxTcp, PeerKind::BridgeUcxSm] {
+        if has(ucx) && has(PeerKind::BridgeH2) {
+            columns.push((ucx, PeerKind::BridgeH2));
         }
     }
     columns
@@ -768,6 +775,8 @@ pub fn bridge_targets(results: &Results) -> String {
         PeerKind::BridgeH3,
         PeerKind::Quinn,
         PeerKind::QuinnDefaults,
+        PeerKind::BridgeUcxTcp,
+        PeerKind::BridgeUcxSm,
     ];
     let _ = write!(out, "| target | where measured |");
     for c in columns {
