@@ -24,6 +24,12 @@ use support::negotiation::{admin, black_hole, carried_by, edge, fell_back, unary
 
 const BUDGET: Duration = Duration::from_millis(500);
 
+/// A loopback TCP port nothing listens on (connections to it are refused).
+fn refused_port() -> u16 {
+    let spare = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    spare.local_addr().expect("addr").port()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_peer_that_never_answers_is_skipped_within_the_budget_and_http2_carries_every_call()
 {
@@ -88,9 +94,7 @@ async fn a_quic_peer_that_never_answers_is_skipped_within_the_budget_and_http2_c
 async fn a_transport_that_comes_back_is_found_by_the_background_probe() {
     let peer = Peer::start().await;
     // HTTP/1.1 first, but nothing listens on its port yet (connections are refused).
-    let spare = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = spare.local_addr().expect("addr").port();
-    drop(spare);
+    let port = refused_port();
     let edge = edge(
         &format!(
             r#"
@@ -447,9 +451,7 @@ async fn an_operator_forces_and_forbids_a_transport_through_the_admin_endpoint()
 async fn a_browser_call_falls_back_to_http1_when_http2_is_unavailable_and_the_page_can_read_why() {
     let peer = Peer::start().await;
     // Nothing listens where HTTP/2 should be: connections are refused at once.
-    let refused = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = refused.local_addr().expect("addr").port();
-    drop(refused);
+    let port = refused_port();
     let edge = edge(
         &format!(
             r#"
