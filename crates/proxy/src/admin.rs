@@ -97,12 +97,10 @@ fn answer(
         }
         (&Method::POST, "/negotiation/override") => {
             let query = request.uri().query().unwrap_or("");
-            let params: Vec<(&str, &str)> = query
-                .split('&')
-                .filter(|p| !p.is_empty())
-                .map(|p| p.split_once('=').unwrap_or((p, "")))
+            let params: Vec<_> = crate::ingress::query_params(query)
+                .filter(|(key, _)| !key.is_empty())
                 .collect();
-            let get = |key: &str| params.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+            let get = |key: &str| params.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
             let outcome = match get("job") {
                 None => Err("name the job: ?job=NAME".to_owned()),
                 Some(job) => {

@@ -55,10 +55,9 @@ impl PartFrames {
 
 /// The 5-byte gRPC frame header of a message.
 fn frame_header(compressed: bool, len: u32) -> Bytes {
-    let mut header = [0u8; 5];
-    header[0] = u8::from(compressed);
-    header[1..].copy_from_slice(&len.to_be_bytes());
-    Bytes::copy_from_slice(&header)
+    let mut header = pnp_wire::frame::FrameBuf::head(compressed, len);
+    let len = bytes::Buf::remaining(&header);
+    bytes::Buf::copy_to_bytes(&mut header, len)
 }
 
 impl Body for PartFrames {

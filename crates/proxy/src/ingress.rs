@@ -680,7 +680,7 @@ fn unsupported(message: String) -> Box<Response<ReplyBody>> {
 }
 
 /// The query parameters of a request: (decoded name, raw value).
-fn query_params(query: &str) -> impl Iterator<Item = (std::borrow::Cow<'_, str>, &str)> {
+pub(crate) fn query_params(query: &str) -> impl Iterator<Item = (std::borrow::Cow<'_, str>, &str)> {
     query.split('&').map(|pair| {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         (
