@@ -233,6 +233,8 @@ fn switch_event(job: &str, from: &str, to: &str, reason: Reason) -> pnp_link::Ev
 /// What [`Negotiator::plan`] decided for one call.
 #[derive(Debug)]
 pub(crate) struct Plan {
+    /// The profile's plan the choice was made from (its selection counters).
+    profile: Option<Arc<ProfilePlan>>,
     job: Arc<str>,
     /// Peer slots, best first.
     order: Vec<usize>,
@@ -369,6 +371,7 @@ impl Negotiator {
         let Some(profile) = self.profile(job) else {
             // Config always has the default profile; this keeps a call going regardless.
             return Plan {
+                profile: None,
                 job: Arc::from(job),
                 order: (0..self.peer.len()).collect(),
                 reason: Reason::Default,
@@ -383,6 +386,7 @@ impl Negotiator {
                 reason: Reason::Default,
                 budget: profile.budget,
                 bytes: profile.bytes.clone(),
+                profile: Some(profile),
             };
         }
         let now = Instant::now();
@@ -425,12 +429,18 @@ impl Negotiator {
                 entry.current = first;
             }
         }
-        Plan {
+        let plan = Plan {
             job: job.clone(),
             order,
             reason,
             budget: profile.budget,
             bytes: profile.bytes.clone(),
+            profile: None,
+        };
+        drop(guard);
+        Plan {
+            profile: Some(profile),
+            ..plan
         }
     }
 
@@ -476,7 +486,7 @@ impl Negotiator {
                     "transport fallback"
                 );
             }
-            self.count_selected(&plan.job, peer, reason);
+            self.count_selected(plan.profile.as_deref(), peer, reason);
             return Ok(Picked {
                 transport: transport.clone(),
                 name,
@@ -496,24 +506,24 @@ impl Negotiator {
         ))
     }
 
-    fn count_selected(&self, job: &str, peer: usize, reason: Reason) {
-        let profile = self.profile(job);
-        let counter = profile
-            .as_ref()
-            .filter(|p| *p.name == *job)
-            .and_then(|p| p.selected.get(peer))
-            .map(|cells| {
-                cells[reason_index(reason)].get_or_init(|| {
-                    self.metrics.transport_selected_counter(
-                        job,
-                        self.peer[peer].kind().name(),
-                        reason.as_str(),
-                    )
-                })
-            });
-        if let Some(counter) = counter {
-            counter.inc();
-        }
+    /// Count the choice in the profile's `pnp_transport_selected_total` series (made on first
+    /// use): the plan carries the profile, so no lookup is made per call.
+    fn count_selected(&self, profile: Option<&ProfilePlan>, peer: usize, reason: Reason) {
+        let Some(profile) = profile else {
+            return;
+        };
+        let Some(cells) = profile.selected.get(peer) else {
+            return;
+        };
+        cells[reason_index(reason)]
+            .get_or_init(|| {
+                self.metrics.transport_selected_counter(
+                    &profile.name,
+                    self.peer[peer].kind().name(),
+                    reason.as_str(),
+                )
+            })
+            .inc();
     }
 
     /// The call `picked` was for ended before a reply (`carried == false`: the transport
