@@ -140,6 +140,10 @@ pub struct UcxSettings {
     pub call_window: u32,
     /// Largest message payload in one frame; longer messages go as a head and fragments.
     pub max_fragment: u32,
+    /// How long the UCX thread keeps polling after activity before it sleeps on its event fd
+    /// (zero: sleep at once). Polling finds a reply or the next fragment without a wakeup, at
+    /// the price of a busy core while traffic flows.
+    pub busy_poll: Duration,
 }
 
 impl Default for UcxSettings {
@@ -151,6 +155,7 @@ impl Default for UcxSettings {
             extra: Vec::new(),
             call_window: 8 << 20,
             max_fragment: 2 << 20,
+            busy_poll: Duration::ZERO,
         }
     }
 }

@@ -189,6 +189,7 @@ struct RawUcxListener {
     extra: BTreeMap<String, String>,
     call_window: Option<String>,
     max_fragment: Option<String>,
+    busy_poll: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -201,6 +202,7 @@ struct RawUcx {
     extra: BTreeMap<String, String>,
     call_window: Option<String>,
     max_fragment: Option<String>,
+    busy_poll: Option<String>,
 }
 
 impl RawUcx {
@@ -217,6 +219,14 @@ impl RawUcx {
         let settings = UcxSettings {
             call_window: size("call_window", &self.call_window, d.call_window)?,
             max_fragment: size("max_fragment", &self.max_fragment, d.max_fragment)?,
+            busy_poll: {
+                let field = format!("{key}.busy_poll");
+                let busy_poll = duration_or(&field, &self.busy_poll, d.busy_poll)?;
+                if busy_poll > Duration::from_millis(10) {
+                    return Err(invalid(&field, "must be at most 10ms"));
+                }
+                busy_poll
+            },
             tls: self.tls,
             net_devices: self.net_devices,
             rndv_thresh: self.rndv_thresh,
@@ -829,6 +839,7 @@ impl RawConfig {
                 extra: ucx.extra,
                 call_window: ucx.call_window,
                 max_fragment: ucx.max_fragment,
+                busy_poll: ucx.busy_poll,
             };
             config.listener.ucx = Some(UcxListener {
                 addr: parse_addr("listener.ucx.addr", &ucx.addr)?,
@@ -1260,6 +1271,7 @@ mod tests {
             [upstream.ucx]
             tls = "tcp"
             call_window = "16MiB"
+            busy_poll = "50us"
             "#,
         )
         .expect("valid");
@@ -1271,6 +1283,8 @@ mod tests {
             [("IB_GID_INDEX".to_owned(), "3".to_owned())]
         );
         assert_eq!(config.upstream.ucx.call_window, 16 << 20);
+        assert_eq!(config.upstream.ucx.busy_poll, Duration::from_micros(50));
+        assert_eq!(listener.settings.busy_poll, Duration::ZERO);
         assert!(
             matches!(config.upstream.target, UpstreamTarget::Url(ref u) if u.scheme() == "ucx")
         );
@@ -1281,6 +1295,10 @@ mod tests {
                 "listener.ucx.call_window",
             ),
             ("[listener.ucx]\naddr = \"0.0.0.0:1\"\ntsl = \"tcp\"", "tsl"),
+            (
+                "[upstream.ucx]\nbusy_poll = \"1s\"",
+                "upstream.ucx.busy_poll",
+            ),
             (
                 "[upstream.ucx]\nmax_fragment = \"64MiB\"",
                 "upstream.ucx.max_fragment",

@@ -179,6 +179,7 @@ fn ucx_options(settings: &pnp_config::UcxSettings) -> pnp_ucx::UcxOptions {
     });
     options.call_window = settings.call_window;
     options.max_fragment = settings.max_fragment;
+    options.busy_poll = settings.busy_poll;
     options
 }
 

@@ -1,6 +1,7 @@
 //! The UCX worker thread: one [`Worker`] driven by a current-thread tokio runtime, event-driven
-//! (`ucp_worker_arm` and the worker's event fd in the reactor, no busy polling), with the
-//! connections, their calls and the TCP side channels that set connections up and watch them.
+//! (`ucp_worker_arm` and the worker's event fd in the reactor; after activity it keeps
+//! polling for [`UcxOptions::busy_poll`], by default not at all), with the connections, their
+//! calls and the TCP side channels that set connections up and watch them.
 //!
 //! Everything else in pnp talks to it through [`Command`]s on a channel ([`DriverHandle`] is
 //! `Send + Sync`); it answers through the per-call channels and semaphores in [`Slot`].
@@ -53,6 +54,8 @@ const MAX_CONTROL_BODY: usize = 1 << 20;
 const MAX_CREDIT: usize = 1 << 40;
 /// Safety net: progress at least this often even if no event arrives.
 const TICK: Duration = Duration::from_millis(100);
+/// While busy, the driver lets its thread's other tasks run every this many turns.
+const YIELD_EVERY: u32 = 32;
 
 /// Sent to the driver thread.
 pub(crate) enum Command {
@@ -205,13 +208,15 @@ pub(crate) fn start(
             };
             let local = tokio::task::LocalSet::new();
             local.block_on(&runtime, async move {
-                let worker = match Worker::new(&options.tuning.entries()) {
+                let mut worker = match Worker::new(&options.tuning.entries()) {
                     Ok(w) => w,
                     Err(e) => {
                         let _ = ready_tx.send(Err(io::Error::other(e.to_string())));
                         return;
                     }
                 };
+                // Two windows' worth: a bulk call in each direction reuses its buffers.
+                worker.keep_buffers(2 * options.call_window as usize);
                 let address = match worker.address() {
                     Ok(a) => Arc::new(a),
                     Err(e) => {
@@ -313,20 +318,32 @@ impl Driver {
         if let Err(e) = self.worker.watch_events() {
             tracing::warn!(error = %e, "UCX worker has no event fd; polling every 100 ms");
         }
+        let busy_poll = self.options.busy_poll;
+        // When something last happened; the worker is polled (not armed) until `busy_poll`
+        // after it, so the next frame of a conversation is found without a wakeup.
+        let mut active = std::time::Instant::now();
+        let mut turns = 0u32;
         loop {
-            self.worker.progress();
+            let mut worked = self.worker.progress();
             for event in self.worker.events() {
+                worked = true;
                 self.on_event(event);
             }
-            let mut worked = false;
             while let Ok(command) = rx.try_recv() {
                 worked = true;
                 if !self.on_command(command) {
                     return self.stop();
                 }
             }
+            turns = turns.wrapping_add(1);
             if worked {
-                tokio::task::yield_now().await;
+                active = std::time::Instant::now();
+            }
+            if worked || active.elapsed() < busy_poll {
+                // Let the side channels' tasks (and the reactor) run now and then.
+                if turns.is_multiple_of(YIELD_EVERY) {
+                    tokio::task::yield_now().await;
+                }
                 continue;
             }
             match self.worker.arm() {
@@ -354,6 +371,7 @@ impl Driver {
                 },
                 _ = tokio::time::sleep(TICK) => {}
             }
+            active = std::time::Instant::now();
         }
     }
 

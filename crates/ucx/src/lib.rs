@@ -27,6 +27,8 @@ mod client;
 #[cfg(feature = "ucx")]
 mod driver;
 #[cfg(feature = "ucx")]
+mod pool;
+#[cfg(feature = "ucx")]
 mod server;
 #[cfg(feature = "ucx")]
 mod stream;
@@ -42,7 +44,9 @@ pub use server::{IncomingCall, ReplySink, RequestMessages, UcxListener};
 #[cfg(not(feature = "ucx"))]
 pub use stub::{IncomingCall, ReplySink, RequestMessages, UcxListener, UcxTransport};
 
-pub use options::{UcxOptions, UcxTuning, DEFAULT_CALL_WINDOW, DEFAULT_MAX_FRAGMENT};
+pub use options::{
+    UcxOptions, UcxTuning, DEFAULT_BUSY_POLL, DEFAULT_CALL_WINDOW, DEFAULT_MAX_FRAGMENT,
+};
 
 /// Whether this build carries UCX (the `ucx` feature).
 pub const AVAILABLE: bool = cfg!(feature = "ucx");

@@ -33,9 +33,12 @@ use std::io;
 use std::marker::PhantomData;
 use std::os::fd::RawFd;
 use std::ptr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+
+use crate::pool::BufferPool;
 
 /// The raw UCP declarations (UCX 1.13, `ucp/api/ucp.h`).
 #[allow(non_camel_case_types, dead_code)]
@@ -409,9 +412,14 @@ pub(crate) struct Worker {
     /// The worker's event fd in the tokio reactor (dropped first in `drop`, while the fd is
     /// still open).
     events_fd: Option<tokio::io::unix::AsyncFd<RawFd>>,
+    /// Buffers for rendezvous bodies.
+    pool: Arc<BufferPool>,
     /// Raw pointers make this !Send and !Sync already; this says so on purpose.
     _one_thread: PhantomData<*mut ()>,
 }
+
+/// Bytes of dropped rendezvous buffers a worker keeps for reuse unless told otherwise.
+const DEFAULT_KEEP: usize = 16 << 20;
 
 impl fmt::Debug for Worker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -603,6 +611,7 @@ impl Worker {
             rndv: HashMap::new(),
             next_id: 0,
             events_fd: None,
+            pool: BufferPool::new(DEFAULT_KEEP),
             _one_thread: PhantomData,
         };
         let handler = ffi::ucp_am_handler_param_t {
@@ -645,6 +654,11 @@ impl Worker {
             ffi::ucp_worker_release_address(self.worker, address);
             Ok(bytes)
         }
+    }
+
+    /// Keep at most `bytes` of dropped rendezvous buffers for reuse (see [`BufferPool`]).
+    pub(crate) fn keep_buffers(&mut self, bytes: usize) {
+        self.pool = BufferPool::new(bytes);
     }
 
     /// Put the worker's event fd (readable when the armed worker has events) into the current
@@ -807,7 +821,7 @@ impl Worker {
                 text: "no such rendezvous data".into(),
             });
         };
-        let mut buf = vec![0u8; len];
+        let mut buf = self.pool.take(len);
         let mut param =
             request_param(ffi::UCP_OP_ATTR_FIELD_CALLBACK | ffi::UCP_OP_ATTR_FIELD_USER_DATA);
         param.cb = ffi::ucp_request_cb {
@@ -827,7 +841,7 @@ impl Worker {
             )
         };
         match status_ptr(p) {
-            StatusPtr::Done => Ok(Ok(Bytes::from(buf))),
+            StatusPtr::Done => Ok(Ok(self.pool.freeze(buf))),
             StatusPtr::Failed(status) => Err(UcxError::new("receiving", status)),
             StatusPtr::Pending(request) => {
                 let id = OpId(self.next_id());
@@ -887,7 +901,7 @@ impl Worker {
             if let Op::Receive { id, mut buf } = op {
                 let result = if status == ffi::UCS_OK {
                     buf.truncate(length);
-                    Ok(Bytes::from(buf))
+                    Ok(self.pool.freeze(buf))
                 } else {
                     Err(UcxError::new("receiving", status))
                 };

@@ -42,6 +42,9 @@ pub fn options(tls: &str) -> UcxOptions {
     if let Some(fragment) = knob("PNP_UCX_TEST_FRAGMENT") {
         options.max_fragment = fragment;
     }
+    if let Some(micros) = knob("PNP_UCX_TEST_BUSY_POLL_US") {
+        options.busy_poll = Duration::from_micros(micros.into());
+    }
     options
 }
 
