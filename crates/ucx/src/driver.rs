@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::frame::{CallId, Frame, HEADER_LEN};
 use crate::options::UcxOptions;
+use crate::pool::BufferPool;
 use crate::stream::{ReplySink, RequestMessages};
 use crate::sys::{EpId, Event, OpId, Payload, Worker};
 use crate::IncomingCall;
@@ -148,6 +149,8 @@ impl Slot {
 #[derive(Clone, Debug)]
 pub(crate) struct DriverHandle {
     tx: mpsc::UnboundedSender<Command>,
+    /// Buffers for rendezvous bodies (received) and gathered fragments (sent).
+    pub(crate) pool: Arc<BufferPool>,
 }
 
 impl DriverHandle {
@@ -187,7 +190,9 @@ pub(crate) fn start(
     listen: Option<(SocketAddr, mpsc::UnboundedSender<IncomingCall>)>,
 ) -> io::Result<(DriverOwner, Option<SocketAddr>)> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let handle = DriverHandle { tx };
+    // Received bodies of a bulk call each way, and as much again for gathered fragments.
+    let pool = BufferPool::new(4 * options.call_window as usize);
+    let handle = DriverHandle { tx, pool };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<Option<SocketAddr>>>();
     let (finished_tx, finished) = std::sync::mpsc::channel::<()>();
     let thread_handle = handle.clone();
@@ -215,8 +220,7 @@ pub(crate) fn start(
                         return;
                     }
                 };
-                // Two windows' worth: a bulk call in each direction reuses its buffers.
-                worker.keep_buffers(2 * options.call_window as usize);
+                worker.use_pool(thread_handle.pool.clone());
                 let address = match worker.address() {
                     Ok(a) => Arc::new(a),
                     Err(e) => {

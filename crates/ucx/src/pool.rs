@@ -51,6 +51,24 @@ impl BufferPool {
         vec![0; len]
     }
 
+    /// An empty buffer with room for `capacity` bytes, from the pool when one fits (to be
+    /// filled with `extend_from_slice`, which writes each byte once).
+    pub(crate) fn take_empty(&self, capacity: usize) -> Vec<u8> {
+        if capacity >= POOLED_FROM {
+            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = free
+                .iter()
+                .position(|b| b.capacity() >= capacity && b.capacity() / 2 <= capacity)
+            {
+                let mut buf = free.swap_remove(i);
+                drop(free);
+                buf.clear();
+                return buf;
+            }
+        }
+        Vec::with_capacity(capacity)
+    }
+
     /// `buf` (filled to its length) as [`Bytes`] whose last drop brings it back here.
     pub(crate) fn freeze(self: &Arc<Self>, buf: Vec<u8>) -> Bytes {
         if buf.capacity() < POOLED_FROM {

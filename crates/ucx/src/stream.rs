@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_core::Stream;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use pnp_call::{Code, Part, Reply, ReplyItem, Status};
 use pnp_transport::TransportError;
 use tokio::sync::{mpsc, Semaphore};
@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::driver::{Command, ConnId, DriverHandle, Inbound};
 use crate::frame::{CallId, Frame};
+use crate::pool::BufferPool;
 
 /// `part` cut to frames of at most `max` payload bytes: a longer message becomes a head and
 /// fragments, a longer fragment several (zero-copy slices).
@@ -43,6 +44,84 @@ pub(crate) fn split(part: Part, max: u32) -> Result<Vec<Part>, Box<Status>> {
         Part::Fragment { data, last } if data.len() > max => chunks(data, last).collect(),
         other => vec![other],
     })
+}
+
+/// A stream whose fragments that are ready together go out as one: a large message read
+/// from HTTP/2 comes in pieces of its DATA frames (16–64 KiB), and one UCX active message per
+/// piece costs more than copying them into one (shared memory: 0.4 GiB/s with 16 KiB pieces
+/// against 3 GiB/s with 2 MiB ones). Only what is ready now is gathered: nothing waits for
+/// more, so a stream's latency is unchanged.
+pub(crate) struct Gather<S: Stream + Unpin> {
+    inner: S,
+    /// An item taken while gathering that was not a fragment of the same message.
+    peeked: Option<Option<S::Item>>,
+    pool: Arc<BufferPool>,
+    /// Gather until at least this many bytes (then `split` cuts to the frame limit).
+    max: usize,
+}
+
+impl<S: Stream + Unpin> Gather<S> {
+    pub(crate) fn new(inner: S, pool: Arc<BufferPool>, max: u32) -> Self {
+        Self {
+            inner,
+            peeked: None,
+            pool,
+            max: max.max(1) as usize,
+        }
+    }
+
+    /// The next item; a fragment together with the fragments of its message ready after it
+    /// (`fragment` tells a fragment's bytes and `last` flag, or gives the item back).
+    pub(crate) async fn next(
+        &mut self,
+        fragment: impl Fn(S::Item) -> Piece<S::Item>,
+    ) -> Option<Piece<S::Item>> {
+        let item = match self.peeked.take() {
+            Some(peeked) => peeked,
+            None => self.inner.next().await,
+        }?;
+        let (first, mut last) = match fragment(item) {
+            Piece::Fragment(data, last) => (data, last),
+            other @ Piece::Other(_) => return Some(other),
+        };
+        let mut total = first.len();
+        let mut pieces: Vec<Bytes> = Vec::new();
+        while !last && total < self.max {
+            let Some(next) = self.inner.next().now_or_never() else {
+                break;
+            };
+            let Some(next) = next else {
+                self.peeked = Some(None);
+                break;
+            };
+            match fragment(next) {
+                Piece::Fragment(data, l) => {
+                    total += data.len();
+                    last = l;
+                    pieces.push(data);
+                }
+                Piece::Other(other) => {
+                    self.peeked = Some(Some(other));
+                    break;
+                }
+            }
+        }
+        if pieces.is_empty() {
+            return Some(Piece::Fragment(first, last));
+        }
+        let mut buf = self.pool.take_empty(total);
+        buf.extend_from_slice(&first);
+        for piece in &pieces {
+            buf.extend_from_slice(piece);
+        }
+        Some(Piece::Fragment(self.pool.freeze(buf), last))
+    }
+}
+
+/// An item of a [`Gather`]ed stream: a fragment's bytes and `last` flag, or anything else.
+pub(crate) enum Piece<T> {
+    Fragment(Bytes, bool),
+    Other(T),
 }
 
 /// Sends one call's parts in one direction, each after the peer granted credit for it.
@@ -234,12 +313,24 @@ impl ReplySink {
         let status = match reply {
             Err(e) => *e.status,
             Ok(Reply::TrailersOnly(status)) => status,
-            Ok(Reply::Stream { head, mut items }) => {
+            Ok(Reply::Stream { head, items }) => {
                 let call = self.sender.call;
                 self.sender.frame(Frame::ResponseHead { call, head });
+                let mut items = Gather::new(
+                    items,
+                    self.sender.driver.pool.clone(),
+                    self.sender.max_fragment,
+                );
+                let fragment = |item: ReplyItem| match item {
+                    ReplyItem::Fragment { data, last } => Piece::Fragment(data, last),
+                    other => Piece::Other(other),
+                };
                 loop {
                     let item = tokio::select! {
-                        item = items.next() => item,
+                        item = items.next(fragment) => item.map(|piece| match piece {
+                            Piece::Fragment(data, last) => ReplyItem::Fragment { data, last },
+                            Piece::Other(item) => item,
+                        }),
                         () = self.sender.done.cancelled() => return,
                     };
                     let part = match item {
@@ -278,11 +369,21 @@ impl Drop for ReplySink {
 
 /// Sends a client's request parts, then the half-close; a failed request stream cancels the
 /// call. Runs as its own task until the call ends.
-pub(crate) async fn pump_requests(mut messages: pnp_call::BoxMessageStream, sender: PartSender) {
+pub(crate) async fn pump_requests(messages: pnp_call::BoxMessageStream, sender: PartSender) {
+    let mut messages = Gather::new(messages, sender.driver.pool.clone(), sender.max_fragment);
+    let fragment = |item: Result<Part, Status>| match item {
+        Ok(Part::Fragment { data, last }) => Piece::Fragment(data, last),
+        other => Piece::Other(other),
+    };
     loop {
         let next = tokio::select! {
-            next = messages.next() => next,
+            next = messages.next(fragment) => next,
             () = sender.done.cancelled() => return,
+        };
+        let next = match next {
+            Some(Piece::Fragment(data, last)) => Some(Ok(Part::Fragment { data, last })),
+            Some(Piece::Other(item)) => Some(item),
+            None => None,
         };
         match next {
             None => {
@@ -377,6 +478,94 @@ impl Drop for ReplyItems {
 mod tests {
     use super::*;
     use pnp_call::Message;
+
+    fn fragment(item: Result<Part, Status>) -> Piece<Result<Part, Status>> {
+        match item {
+            Ok(Part::Fragment { data, last }) => Piece::Fragment(data, last),
+            other => Piece::Other(other),
+        }
+    }
+
+    /// A gathered item back as a part.
+    fn part(piece: Piece<Result<Part, Status>>) -> Part {
+        match piece {
+            Piece::Fragment(data, last) => Part::Fragment { data, last },
+            Piece::Other(item) => item.expect("ok"),
+        }
+    }
+
+    fn piece(byte: u8, len: usize, last: bool) -> Part {
+        Part::Fragment {
+            data: Bytes::from(vec![byte; len]),
+            last,
+        }
+    }
+
+    #[tokio::test]
+    async fn fragments_ready_together_are_gathered_and_nothing_else_moves() {
+        let pool = crate::pool::BufferPool::new(1 << 20);
+        let mut items: Vec<Part> = vec![
+            Part::Message(Message::new(Bytes::from_static(b"small"))),
+            Part::Head {
+                compressed: false,
+                len: 10 * 16384,
+            },
+        ];
+        items.extend((0..10u8).map(|i| piece(i, 16384, i == 9)));
+        items.push(Part::Message(Message::new(Bytes::from_static(b"after"))));
+        let stream = futures_util::stream::iter(items.into_iter().map(Ok));
+        let mut gather = Gather::new(stream, pool, 65536);
+        let mut out = Vec::new();
+        while let Some(item) = gather.next(fragment).await {
+            out.push(part(item));
+        }
+        let shapes: Vec<(usize, bool)> = out
+            .iter()
+            .filter_map(|p| match p {
+                Part::Fragment { data, last } => Some((data.len(), *last)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            shapes,
+            vec![(65536, false), (65536, false), (32768, true)],
+            "gathered up to the limit, the last flag on the last"
+        );
+        assert!(matches!(&out[0], Part::Message(m) if &m.data[..] == b"small"));
+        assert!(matches!(&out[1], Part::Head { .. }));
+        assert!(matches!(&out[5], Part::Message(m) if &m.data[..] == b"after"));
+        assert_eq!(out.len(), 6);
+        // The bytes are the pieces' bytes in order.
+        let Part::Fragment { data, .. } = &out[2] else {
+            panic!("a fragment")
+        };
+        for (i, chunk) in data.chunks(16384).enumerate() {
+            assert!(chunk.iter().all(|&b| b == i as u8));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fragment_that_is_not_ready_is_not_waited_for() {
+        let pool = crate::pool::BufferPool::new(1 << 20);
+        let (tx, rx) = mpsc::unbounded_channel::<Result<Part, Status>>();
+        let stream = tokio_stream_like(rx);
+        let mut gather = Gather::new(stream, pool, 1 << 20);
+        tx.send(Ok(piece(1, 100, false))).expect("send");
+        tx.send(Ok(piece(2, 100, false))).expect("send");
+        let first = part(gather.next(fragment).await.expect("item"));
+        assert!(matches!(first, Part::Fragment { ref data, last: false } if data.len() == 200));
+        tx.send(Ok(piece(3, 100, true))).expect("send");
+        drop(tx);
+        let second = part(gather.next(fragment).await.expect("item"));
+        assert!(matches!(second, Part::Fragment { ref data, last: true } if data.len() == 100));
+        assert!(gather.next(fragment).await.is_none());
+    }
+
+    fn tokio_stream_like<T: Send + 'static>(
+        mut rx: mpsc::UnboundedReceiver<T>,
+    ) -> impl Stream<Item = T> + Unpin {
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
 
     #[test]
     fn long_messages_become_a_head_and_fragments_that_add_up() {

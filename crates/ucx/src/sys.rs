@@ -656,9 +656,9 @@ impl Worker {
         }
     }
 
-    /// Keep at most `bytes` of dropped rendezvous buffers for reuse (see [`BufferPool`]).
-    pub(crate) fn keep_buffers(&mut self, bytes: usize) {
-        self.pool = BufferPool::new(bytes);
+    /// Take rendezvous buffers from `pool` (see [`BufferPool`]).
+    pub(crate) fn use_pool(&mut self, pool: Arc<BufferPool>) {
+        self.pool = pool;
     }
 
     /// Put the worker's event fd (readable when the armed worker has events) into the current
