@@ -21,5 +21,6 @@ pub mod scenarios;
 pub mod service;
 pub mod stall;
 pub mod tonic_peer;
+pub mod ucxhop;
 pub mod ucxperf;
 pub mod upstream;

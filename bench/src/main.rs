@@ -54,6 +54,23 @@ enum Command {
     /// and `UCX_TLS=sm`, a fresh server and client per run, medians; writes
     /// `ucx_perftest{SUFFIX}.json` and `.md` into `--out`.
     UcxPerftest(UcxPerftestArgs),
+    /// pnp's own UCX hop alone: a pnp-ucx `UcxTransport` in this process calling a
+    /// `UcxListener` in a child process (fresh for every run), bulk calls each way and
+    /// sequential pings over `UCX_TLS=tcp` (on `lo`) and `UCX_TLS=sm`, beside the
+    /// `ucx_perftest{SUFFIX}.json` (else `ucx_perftest.json`) found in `--out`; writes
+    /// `ucx_hop{SUFFIX}.json` and `.md` there. Needs pnp-bench built with `--features ucx`.
+    UcxHop(UcxHopArgs),
+    /// The server of `ucx-hop` (started by it): prints its side-channel address, serves until
+    /// stdin ends.
+    #[command(hide = true)]
+    UcxHopServe {
+        /// UCX transport: tcp or sm.
+        #[arg(long)]
+        tls: String,
+        /// `UcxOptions::busy_poll` in µs (default: pnp-ucx's).
+        #[arg(long)]
+        busy_poll_us: Option<u64>,
+    },
     /// The raw quinn server (started by `run` and `quinn`).
     QuinnServer {
         /// UDP address to listen on.
@@ -127,6 +144,36 @@ struct UcxPerftestArgs {
     cpus: Option<String>,
     /// Suffix of the output file names (`ucx_perftest{SUFFIX}.json`).
     #[arg(long, default_value = "")]
+    suffix: String,
+}
+
+#[derive(clap::Args, Debug)]
+struct UcxHopArgs {
+    /// Output directory (also where the `ucx_perftest` reference is looked for).
+    #[arg(long, default_value = "bench/results/ucx")]
+    out: PathBuf,
+    /// Transports, comma-separated: tcp (`UCX_TLS=tcp`, `UCX_NET_DEVICES=lo`), sm
+    /// (`UCX_TLS=sm`).
+    #[arg(long, default_value = "tcp,sm")]
+    transports: String,
+    /// Bandwidth message sizes, comma-separated, with units (an empty string runs none); the
+    /// message counts are `tag_bw`'s.
+    #[arg(long, default_value = "1MiB,16MiB,256MiB,1GiB")]
+    bw_sizes: String,
+    /// Latency (ping) message sizes, comma-separated, with units (an empty string runs none).
+    #[arg(long, default_value = "8B,100B")]
+    lat_sizes: String,
+    /// Runs of each point (a fresh server process and client each); the report shows medians.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Busy-poll time of both sides' UCX threads, µs (default: pnp-ucx's default).
+    #[arg(long)]
+    busy_poll_us: Option<u64>,
+    /// Pin the server and the client: `S,C`; not pinned by default.
+    #[arg(long)]
+    cpus: Option<String>,
+    /// Suffix of the output file names (`ucx_hop{SUFFIX}.json`), e.g. `-cpu1`.
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
     suffix: String,
 }
 
@@ -220,14 +267,34 @@ fn message_size(text: &str) -> Option<u64> {
     runner::parse_size(text).filter(|&s| (1..=pnp_bench::service::MAX_MESSAGE).contains(&s))
 }
 
+/// `--cpus S,C`.
+fn cpu_pair(text: Option<&str>) -> anyhow::Result<Option<(usize, usize)>> {
+    text.map(|text| {
+        text.split_once(',')
+            .and_then(|(s, c)| Some((s.trim().parse().ok()?, c.trim().parse().ok()?)))
+            .with_context(|| format!("--cpus `{text}`: expected SERVER,CLIENT"))
+    })
+    .transpose()
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber_init();
+    // These two build runtimes of their own (two workers), outside the one below.
+    let command = match cli.command {
+        Command::UcxHop(args) => return ucx_hop(&args),
+        Command::UcxHopServe { tls, busy_poll_us } => {
+            let transport = pnp_bench::ucxperf::Transport::parse(&tls)
+                .with_context(|| format!("--tls `{tls}`: expected tcp or sm"))?;
+            return pnp_bench::ucxhop::serve_main(transport, busy_poll_us);
+        }
+        command => command,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        match cli.command {
+        match command {
             Command::Upstream { listen } => {
                 let listener = pnp_bench::upstream::bind(listen)?;
                 println!("listening on {}", listener.local_addr()?);
@@ -248,6 +315,9 @@ fn main() -> anyhow::Result<()> {
             } => pnp_bench::quic::client_main(server, windows, &cert, control).await,
             Command::Quinn(args) => quinn(args).await,
             Command::UcxPerftest(args) => ucx_perftest(&args),
+            Command::UcxHop(_) | Command::UcxHopServe { .. } => {
+                unreachable!("run before the runtime is built")
+            }
             Command::Report { results } => {
                 let text = std::fs::read_to_string(&results)?;
                 let parsed: runner::Results = serde_json::from_str(&text)?;
@@ -458,19 +528,46 @@ fn ucx_perftest(args: &UcxPerftestArgs) -> anyhow::Result<()> {
             .map(Test::latency),
     );
     let transports = list(&args.transports, Transport::parse, "UCX transport")?;
-    let cpus = match &args.cpus {
-        Some(text) => Some(
-            text.split_once(',')
-                .and_then(|(s, c)| Some((s.trim().parse().ok()?, c.trim().parse().ok()?)))
-                .with_context(|| format!("--cpus `{text}`: expected SERVER,CLIENT"))?,
-        ),
-        None => None,
-    };
+    let cpus = cpu_pair(args.cpus.as_deref())?;
     let report = ucxperf::run_all(&transports, &tests, args.runs.max(1), cpus, |line| {
         eprintln!("{line}")
     })?;
     ucxperf::write(&report, &args.out, &args.suffix)?;
     println!("{}", ucxperf::markdown(&report));
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// `pnp-bench ucx-hop`.
+fn ucx_hop(args: &UcxHopArgs) -> anyhow::Result<()> {
+    use pnp_bench::ucxhop::{self, Settings};
+    use pnp_bench::ucxperf::Transport;
+    let settings = Settings {
+        transports: list(&args.transports, Transport::parse, "UCX transport")?,
+        bw_sizes: list(
+            &args.bw_sizes,
+            message_size,
+            "bandwidth size (1 B … 4 GiB − 1)",
+        )?,
+        lat_sizes: list(
+            &args.lat_sizes,
+            message_size,
+            "latency size (1 B … 4 GiB − 1)",
+        )?,
+        runs: args.runs.max(1),
+        busy_poll_us: args.busy_poll_us,
+        cpus: cpu_pair(args.cpus.as_deref())?,
+    };
+    let reference = match ucxhop::load_reference(&args.out, &args.suffix) {
+        Ok(reference) => reference,
+        Err(e) => {
+            eprintln!("not comparing with ucx_perftest: {e:#}");
+            None
+        }
+    };
+    let report = ucxhop::run_all(&settings, |line| eprintln!("{line}"))?;
+    ucxhop::write(&report, reference.as_ref(), &args.out, &args.suffix)?;
+    println!("{}", ucxhop::markdown(&report, reference.as_ref()));
     eprintln!("wrote {}", args.out.display());
     Ok(())
 }

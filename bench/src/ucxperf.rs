@@ -18,7 +18,9 @@ use anyhow::{bail, Context as _};
 use crate::runner::size_name;
 
 /// A UCX transport setting, as the bridges use it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Transport {
     /// `UCX_TLS=tcp UCX_NET_DEVICES=lo`.
     Tcp,
@@ -89,7 +91,7 @@ impl Test {
 }
 
 /// The figures of one run (the last CSV line of `ucx_perftest -f -v`).
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Run {
     /// `50.0_percentile_lat`, µs (half a round trip for `tag_lat`).
     pub p50_lat_us: f64,
@@ -107,7 +109,7 @@ impl Run {
 }
 
 /// One test on one transport: every run and the medians.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Point {
     /// The transport.
     pub transport: Transport,
@@ -118,15 +120,18 @@ pub struct Point {
     /// Runs that failed, with the reason.
     pub errors: Vec<String>,
     /// Median of `p50_lat_us`.
+    #[serde(deserialize_with = "nan_if_null")]
     pub median_p50_lat_us: f64,
     /// Median of `bw_mib_s`.
+    #[serde(deserialize_with = "nan_if_null")]
     pub median_bw_mib_s: f64,
     /// Median bandwidth in Gbit/s.
+    #[serde(deserialize_with = "nan_if_null")]
     pub median_gbit_per_s: f64,
 }
 
 /// All of a `ucx-perftest` run.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Report {
     /// `ucx_perftest`'s version line (`ucx_info -v`).
     pub ucx_version: String,
@@ -136,6 +141,41 @@ pub struct Report {
     pub runs: usize,
     /// The points.
     pub points: Vec<Point>,
+}
+
+/// A [`Test`] as its JSON has it (the name then matched to the names this module runs).
+#[derive(serde::Deserialize)]
+struct TestRecord {
+    test: String,
+    size: u64,
+    iterations: u64,
+    warmup: u64,
+}
+
+impl<'de> serde::Deserialize<'de> for Test {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let r = TestRecord::deserialize(d)?;
+        let test = ["tag_bw", "tag_lat"]
+            .into_iter()
+            .find(|n| *n == r.test)
+            .ok_or_else(|| {
+                <D::Error as serde::de::Error>::custom(format!(
+                    "unknown ucx_perftest test `{}`",
+                    r.test
+                ))
+            })?;
+        Ok(Test {
+            test,
+            size: r.size,
+            iterations: r.iterations,
+            warmup: r.warmup,
+        })
+    }
+}
+
+/// An `f64` that may have been written as `null` (serde_json writes NaN so): NaN then.
+pub(crate) fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(<Option<f64> as serde::Deserialize>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Median of `values` (NaN when empty; the mean of the middle two for an even count).
@@ -186,7 +226,8 @@ pub fn parse_output(stdout: &str) -> anyhow::Result<Run> {
     })
 }
 
-fn command(program: &str, cpu: Option<usize>) -> Command {
+/// `program` as a command, under `taskset -c CPU` when `cpu` is given.
+pub(crate) fn command(program: impl AsRef<std::ffi::OsStr>, cpu: Option<usize>) -> Command {
     match cpu {
         Some(cpu) => {
             let mut c = Command::new("taskset");
@@ -429,6 +470,34 @@ mod tests {
         assert_eq!(run.bw_mib_s, 644.42);
         assert!((run.gbit_per_s() - 5.405).abs() < 0.01);
         assert!(parse_output("no figures").is_err());
+    }
+
+    #[test]
+    fn a_report_reads_back_with_nan_medians() {
+        let report = Report {
+            ucx_version: "Version 1.13.1".into(),
+            cpus: None,
+            runs: 1,
+            points: vec![Point {
+                transport: Transport::Sm,
+                test: Test::latency(8),
+                runs: Vec::new(),
+                errors: vec!["failed".into()],
+                median_p50_lat_us: f64::NAN,
+                median_bw_mib_s: 1.5,
+                median_gbit_per_s: f64::NAN,
+            }],
+        };
+        let text = serde_json::to_string(&report).expect("json");
+        let back: Report = serde_json::from_str(&text).expect("read back");
+        let p = &back.points[0];
+        assert_eq!(
+            (p.transport, p.test.test, p.test.size),
+            (Transport::Sm, "tag_lat", 8)
+        );
+        assert!(p.median_p50_lat_us.is_nan());
+        assert_eq!(p.median_bw_mib_s, 1.5);
+        assert!(serde_json::from_str::<Report>(&text.replace("tag_lat", "tag_x")).is_err());
     }
 
     #[test]
