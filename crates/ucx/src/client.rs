@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use crate::driver::{self, Attached, Command, DriverOwner, Slot};
 use crate::frame::Frame;
 use crate::options::UcxOptions;
-use crate::stream::{pump_requests, PartSender, ReplyItems};
+use crate::stream::{pump_requests, send_ready, PartSender, ReplyItems};
 
 /// pnp's egress transport over UCX to a peer pnp's [`UcxListener`](crate::UcxListener)
 /// (`ucx://host:port`): one connection (made on the first call, again after it died, by one
@@ -172,7 +172,9 @@ impl Inner {
     async fn call(self: Arc<Self>, call: Call) -> Result<Reply, TransportError> {
         let conn = self.connection().await?;
         let (sender, mut items) = self.open(&conn, call.head);
-        tokio::spawn(pump_requests(call.messages, sender));
+        if let Some(rest) = send_ready(call.messages, &sender) {
+            tokio::spawn(pump_requests(rest, sender));
+        }
         match items.recv().await {
             Some(Ok(Frame::ResponseHead { head, .. })) => Ok(Reply::Stream {
                 head,

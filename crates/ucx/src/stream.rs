@@ -168,6 +168,34 @@ impl PartSender {
         Ok(!self.done.is_cancelled())
     }
 
+    /// Send `part` at once if it fits in one frame and its credit is there; otherwise give
+    /// it back.
+    fn try_send(&self, part: Part) -> Result<(), Part> {
+        let len = part.payload_len();
+        if len > self.max_fragment as usize {
+            return Err(part);
+        }
+        if len > 0 {
+            match self.credit.try_acquire_many(len as u32) {
+                Ok(permit) => permit.forget(),
+                Err(_) => return Err(part),
+            }
+        }
+        let frame = if self.request {
+            Frame::Request {
+                call: self.call,
+                part,
+            }
+        } else {
+            Frame::Response {
+                call: self.call,
+                part,
+            }
+        };
+        self.frame(frame);
+        Ok(())
+    }
+
     pub(crate) fn frame(&self, frame: Frame) {
         self.driver.send(Command::Send {
             conn: self.conn,
@@ -363,6 +391,36 @@ impl Drop for ReplySink {
                 call,
                 status: Status::new(Code::Internal, "the call's handler ended without a reply"),
             });
+        }
+    }
+}
+
+/// Sends the request parts that are ready now (each within one frame and its credit), and
+/// the half-close if the stream has ended: a unary call's open, message and half-close leave
+/// together, with no task of their own. What is left (`None`: nothing) is for
+/// [`pump_requests`].
+pub(crate) fn send_ready(
+    mut messages: pnp_call::BoxMessageStream,
+    sender: &PartSender,
+) -> Option<pnp_call::BoxMessageStream> {
+    let call = sender.call;
+    loop {
+        match messages.next().now_or_never() {
+            None => return Some(messages),
+            Some(None) => {
+                sender.frame(Frame::HalfClose { call });
+                return None;
+            }
+            Some(Some(Err(_))) => {
+                sender.frame(Frame::Cancel { call });
+                return None;
+            }
+            Some(Some(Ok(part))) => {
+                if let Err(part) = sender.try_send(part) {
+                    let first = futures_util::stream::iter([Ok(part)]);
+                    return Some(Box::pin(first.chain(messages)));
+                }
+            }
         }
     }
 }
