@@ -34,7 +34,7 @@ fi
 # ("built without UCX") and every other peer runs as before.
 features=()
 if command -v pkg-config >/dev/null && pkg-config --exists ucx; then
-    features=(--features pnp/ucx)
+    features=(--features pnp/ucx,pnp-bench/ucx)
 else
     echo "run.sh: no system UCX (pkg-config ucx): pnp is built without UCX" >&2
 fi
