@@ -51,6 +51,11 @@ pub(crate) struct ControlArgs {
     /// How long a command waits for the data plane's acknowledgement.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     ack_timeout: Duration,
+    /// Stop when the process with this id is no longer this one's parent (`pnp serve` passes
+    /// its own: a control plane whose data plane was killed must not live on, holding the
+    /// API's port against the restarted one).
+    #[arg(long, hide = true)]
+    parent_pid: Option<u32>,
 }
 
 pub(crate) async fn run(args: ControlArgs) -> anyhow::Result<()> {
@@ -82,8 +87,35 @@ pub(crate) async fn run(args: ControlArgs) -> anyhow::Result<()> {
         plane.local_addr(),
         args.link_dir.display()
     );
-    stop.received().await;
-    tracing::info!("signal received: stopping the control plane");
+    tokio::select! {
+        () = stop.received() => tracing::info!("signal received: stopping the control plane"),
+        () = parent_gone(args.parent_pid) => {
+            tracing::warn!("the pnp serve that started this control plane is gone: stopping");
+        }
+    }
     plane.shutdown().await;
     Ok(())
+}
+
+/// How often a control plane started by `pnp serve` looks whether its parent still lives.
+const PARENT_CHECK: Duration = Duration::from_millis(250);
+
+/// Resolves when this process's parent is no longer `pid` (it died and the process was
+/// re-parented); never without a pid.
+async fn parent_gone(pid: Option<u32>) {
+    let Some(pid) = pid else {
+        return std::future::pending().await;
+    };
+    #[cfg(unix)]
+    loop {
+        if std::os::unix::process::parent_id() != pid {
+            return;
+        }
+        tokio::time::sleep(PARENT_CHECK).await;
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (pid, PARENT_CHECK);
+        std::future::pending().await
+    }
 }

@@ -51,6 +51,10 @@ impl ControlChild {
             .arg(self.certs.join("ca.pem"))
             .arg("--snapshot-dir")
             .arg(&self.snapshots)
+            // If this process is killed outright (no drop runs), the child sees its parent
+            // change and stops.
+            .arg("--parent-pid")
+            .arg(std::process::id().to_string())
             .kill_on_drop(true);
         Ok(command)
     }

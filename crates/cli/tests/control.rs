@@ -688,3 +688,71 @@ fn pnp_serve_runs_both_planes_and_pnp_ctl_reconfigures_it_live() {
     }
     assert!(generate_ok(&data_addr));
 }
+
+/// Whether a `pnp control` with `--link-dir LINK` runs now.
+fn control_running(link: &str) -> bool {
+    Command::new("pgrep")
+        .args(["-f", &format!("control --link-dir {link}")])
+        .stdout(Stdio::null())
+        .status()
+        .expect("pgrep")
+        .success()
+}
+
+/// A `pnp serve` killed outright (SIGKILL: no drop, no shutdown) takes its control plane with
+/// it: the child sees that its parent changed and stops, freeing the API's port for the
+/// restarted serve, instead of living on as an orphan.
+#[test]
+fn the_control_plane_stops_when_its_serve_is_killed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = pnp(dir.path(), &["certs", "dev", "dev-certs"]);
+    assert!(certs.status.success(), "{}", text(&certs.stderr));
+    let control_addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        probe.local_addr().expect("addr").to_string()
+    };
+    // The link dir's name is this test's own: other tests run `pnp control` too.
+    let link = "orphan-test-link";
+    let (mut serve, _data_addr) = spawn_announcing(
+        dir.path(),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--link-dir",
+            link,
+            "--control-certs",
+            "dev-certs",
+            "--control-listen",
+            &control_addr,
+        ],
+        "pnp listening on http://",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !control_running(link) {
+        assert!(Instant::now() < deadline, "the control plane never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    serve.child.kill().expect("SIGKILL pnp serve");
+    let _ = serve.child.wait();
+    let killed = Instant::now();
+    while control_running(link) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "the control plane outlived its pnp serve by 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "control plane gone {:?} after its pnp serve was killed",
+        killed.elapsed()
+    );
+    // Its port is free for the next serve.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpListener::bind(&control_addr).is_err() {
+        assert!(Instant::now() < deadline, "{control_addr} still taken");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
