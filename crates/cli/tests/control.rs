@@ -756,3 +756,82 @@ fn the_control_plane_stops_when_its_serve_is_killed() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / 100.0
+}
+
+/// An idle `pnp serve` with its control plane sleeps: neither process polls its end of the
+/// rings in a busy loop (they used 3 % and 7 % of a core, each waiting on a ring with
+/// millisecond sleeps). A loose bound, a quarter of that: this catches a polling loop, it
+/// does not measure.
+#[test]
+#[cfg(target_os = "linux")]
+fn an_idle_serve_and_its_control_plane_sleep() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = pnp(dir.path(), &["certs", "dev", "dev-certs"]);
+    assert!(certs.status.success(), "{}", text(&certs.stderr));
+    let control_addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        probe.local_addr().expect("addr").to_string()
+    };
+    let link = "idle-test-link";
+    let (serve, _data_addr) = spawn_announcing(
+        dir.path(),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--link-dir",
+            link,
+            "--control-certs",
+            "dev-certs",
+            "--control-listen",
+            &control_addr,
+        ],
+        "pnp listening on http://",
+    );
+    let control_pid = {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = Command::new("pgrep")
+                .args(["-f", &format!("control --link-dir {link}")])
+                .output()
+                .expect("pgrep");
+            if let Some(pid) = text(&out.stdout)
+                .lines()
+                .next()
+                .and_then(|l| l.trim().parse().ok())
+            {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "the control plane never started");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // Let both planes attach and settle.
+    std::thread::sleep(Duration::from_millis(1500));
+    let pids = [serve.child.id(), control_pid];
+    let before: Vec<f64> = pids.iter().map(|&pid| cpu_seconds(pid)).collect();
+    let watched = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let wall = watched.elapsed().as_secs_f64();
+    for (i, pid) in pids.iter().enumerate() {
+        let share = (cpu_seconds(*pid) - before[i]) / wall;
+        println!("idle: process {pid} used {:.2} % of a core", share * 100.0);
+        assert!(
+            share < 0.02,
+            "process {pid} used {:.1} % of a core while idle",
+            share * 100.0
+        );
+    }
+}

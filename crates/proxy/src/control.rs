@@ -38,6 +38,12 @@ pub(crate) struct Live {
 
 /// How many finished calls a job keeps for its freeze snapshot.
 const RECENT_CALLS: usize = 64;
+/// The link thread watches the commands ring closely (5 ms waits that spin first) this long
+/// after a command, and while acks are due.
+const WATCH_AFTER_COMMAND: Duration = Duration::from_millis(500);
+/// Otherwise it looks at the commands ring this often (the most an idle data plane adds to
+/// a command's round trip).
+const IDLE_LOOK: Duration = Duration::from_millis(10);
 
 const RUNNING: u8 = 0;
 const PAUSED: u8 = 1;
@@ -336,10 +342,33 @@ pub(crate) fn spawn_link(
             // Acks are never dropped: one the ring has no room for waits here for the next turn.
             let mut unsent_acks: std::collections::VecDeque<Event> =
                 std::collections::VecDeque::new();
+            // When the last command came: for a while after one, and while acks are due, the
+            // thread watches the commands ring closely; otherwise it sleeps on the data plane's
+            // events and looks at the ring every IDLE_LOOK (an idle pnp used 3 % of a core
+            // polling it).
+            let mut last_command: Option<Instant> = None;
             loop {
                 let mut incoming = Vec::new();
-                match side.command_timeout(Duration::from_millis(5)) {
-                    Ok(Some(command)) => incoming.push(command),
+                let mut first_event = None;
+                let watching = !pending.is_empty()
+                    || !unsent_acks.is_empty()
+                    || last_command.is_some_and(|at| at.elapsed() < WATCH_AFTER_COMMAND);
+                let command = if watching {
+                    side.command_timeout(Duration::from_millis(5))
+                } else {
+                    match events_rx.recv_timeout(IDLE_LOOK) {
+                        Ok(event) => first_event = Some(event),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        // Seen again below, where it ends the thread.
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {}
+                    }
+                    side.command_timeout(Duration::ZERO)
+                };
+                match command {
+                    Ok(Some(command)) => {
+                        last_command = Some(Instant::now());
+                        incoming.push(command);
+                    }
                     Ok(None) => {}
                     Err(pnp_link::LinkError::Decode { seq, reason }) => {
                         unsent_acks.push_back(Event::Ack {
@@ -386,7 +415,11 @@ pub(crate) fn spawn_link(
                 });
                 let mut disconnected = false;
                 loop {
-                    match events_rx.try_recv() {
+                    let next = match first_event.take() {
+                        Some(event) => Ok(event),
+                        None => events_rx.try_recv(),
+                    };
+                    match next {
                         Ok(Event::Stats {
                             at_unix_ms, jobs, ..
                         }) => {
