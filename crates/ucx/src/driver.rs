@@ -158,6 +158,14 @@ pub(crate) struct DriverHandle {
 }
 
 impl DriverHandle {
+    /// A handle whose commands land in the returned receiver (for unit tests of the call ends).
+    #[cfg(test)]
+    pub(crate) fn detached() -> (DriverHandle, mpsc::UnboundedReceiver<Command>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pool = BufferPool::new(1 << 20);
+        (DriverHandle { tx, pool }, rx)
+    }
+
     pub(crate) fn send(&self, command: Command) {
         // A stopped driver has already ended every call.
         let _ = self.tx.send(command);

@@ -395,8 +395,8 @@ impl Drop for ReplySink {
     }
 }
 
-/// Sends the request parts that are ready now (each within one frame and its credit), and
-/// the half-close if the stream has ended: a unary call's open, message and half-close leave
+/// Sends the request parts that are ready now (whole messages and heads, each within one
+/// frame and its credit), and the half-close if the stream has ended: a unary call's open, message and half-close leave
 /// together, with no task of their own. What is left (`None`: nothing) is for
 /// [`pump_requests`].
 pub(crate) fn send_ready(
@@ -416,7 +416,13 @@ pub(crate) fn send_ready(
                 return None;
             }
             Some(Some(Ok(part))) => {
-                if let Err(part) = sender.try_send(part) {
+                // Fragments go to the pump, which gathers the ones that are ready together.
+                let sent = if matches!(part, Part::Fragment { .. }) {
+                    Err(part)
+                } else {
+                    sender.try_send(part)
+                };
+                if let Err(part) = sent {
                     let first = futures_util::stream::iter([Ok(part)]);
                     return Some(Box::pin(first.chain(messages)));
                 }
@@ -617,6 +623,74 @@ mod tests {
         let second = part(gather.next(fragment).await.expect("item"));
         assert!(matches!(second, Part::Fragment { ref data, last: true } if data.len() == 100));
         assert!(gather.next(fragment).await.is_none());
+    }
+
+    fn sender(driver: DriverHandle, credit: usize) -> PartSender {
+        PartSender {
+            driver,
+            conn: 1,
+            call: 7,
+            credit: Arc::new(Semaphore::new(credit)),
+            done: CancellationToken::new(),
+            max_fragment: 1 << 20,
+            request: true,
+        }
+    }
+
+    /// The frames the driver was handed: (kind, payload length).
+    fn sent(rx: &mut mpsc::UnboundedReceiver<Command>) -> Vec<(&'static str, usize)> {
+        let mut out = Vec::new();
+        while let Ok(command) = rx.try_recv() {
+            let Command::Send { frame, .. } = command else {
+                panic!("only sends expected")
+            };
+            out.push(match frame {
+                Frame::Request { part, .. } => match part {
+                    Part::Message(m) => ("message", m.data.len()),
+                    Part::Head { .. } => ("head", 0),
+                    Part::Fragment { data, .. } => ("fragment", data.len()),
+                },
+                Frame::HalfClose { .. } => ("half-close", 0),
+                Frame::Cancel { .. } => ("cancel", 0),
+                _ => ("other", 0),
+            });
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_unary_request_leaves_whole_and_fragments_are_left_to_the_pump() {
+        let (driver, mut rx) = DriverHandle::detached();
+        let unary: pnp_call::BoxMessageStream = Box::pin(futures_util::stream::iter([Ok(
+            Part::Message(Message::new(Bytes::from_static(b"hello"))),
+        )]));
+        assert!(send_ready(unary, &sender(driver.clone(), 1 << 20)).is_none());
+        assert_eq!(sent(&mut rx), vec![("message", 5), ("half-close", 0)]);
+
+        // A large message: its head leaves, its first fragment waits for the pump (which
+        // gathers it with the others).
+        let parts = vec![
+            Part::Head {
+                compressed: false,
+                len: 200,
+            },
+            piece(1, 100, false),
+            piece(2, 100, true),
+        ];
+        let large: pnp_call::BoxMessageStream =
+            Box::pin(futures_util::stream::iter(parts.into_iter().map(Ok)));
+        let rest = send_ready(large, &sender(driver.clone(), 1 << 20)).expect("a rest");
+        assert_eq!(sent(&mut rx), vec![("head", 0)]);
+        let rest: Vec<Part> = rest.map(|p| p.expect("ok")).collect().await;
+        assert_eq!(rest, vec![piece(1, 100, false), piece(2, 100, true)]);
+
+        // A message without credit yet is left to the pump too.
+        let unary: pnp_call::BoxMessageStream = Box::pin(futures_util::stream::iter([Ok(
+            Part::Message(Message::new(Bytes::from_static(b"hello"))),
+        )]));
+        let rest = send_ready(unary, &sender(driver, 4)).expect("a rest");
+        assert!(sent(&mut rx).is_empty());
+        assert_eq!(rest.count().await, 1);
     }
 
     fn tokio_stream_like<T: Send + 'static>(
