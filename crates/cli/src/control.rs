@@ -51,6 +51,12 @@ pub(crate) struct ControlArgs {
     /// How long a command waits for the data plane's acknowledgement.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     ack_timeout: Duration,
+    /// An origin whose pages may call the API from a browser, e.g.
+    /// https://console.example.com (CORS with credentials: the browser presents the client
+    /// certificate); repeat for more. Default: none, so only a page from the API's own origin
+    /// can read replies.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    cors_origins: Vec<String>,
     /// Stop when the process with this id is no longer this one's parent (`pnp serve` passes
     /// its own: a control plane whose data plane was killed must not live on, holding the
     /// API's port against the restarted one).
@@ -77,6 +83,7 @@ pub(crate) async fn run(args: ControlArgs) -> anyhow::Result<()> {
     });
     options.snapshot_dir = args.snapshot_dir;
     options.ack_timeout = args.ack_timeout;
+    options.cors_origins = args.cors_origins;
     let freeze = options
         .freeze
         .map_or_else(|| "off".to_owned(), |rule| rule.describe());

@@ -136,6 +136,10 @@ struct ServeArgs {
     /// `serve` only: where the control plane's freeze loop writes job snapshots.
     #[arg(long, default_value = "pnp-snapshots")]
     control_snapshots: PathBuf,
+    /// `serve` only: an origin whose pages may call the control API from a browser (CORS;
+    /// repeat for more), as `pnp control --cors-origin`.
+    #[arg(long = "control-cors-origin", value_name = "ORIGIN")]
+    control_cors_origins: Vec<String>,
 }
 
 /// A duration flag that also takes `off`.
@@ -284,6 +288,7 @@ async fn serve(args: ServeArgs, with_control: bool) -> anyhow::Result<()> {
                 listen: args.control_listen,
                 snapshots: args.control_snapshots.clone(),
                 certs: certs.clone(),
+                cors_origins: args.control_cors_origins.clone(),
             })
         }
         (Some(_), false) => anyhow::bail!(

@@ -31,6 +31,8 @@ pub(crate) struct ControlChild {
     pub(crate) certs: PathBuf,
     /// Where the freeze loop writes its snapshots.
     pub(crate) snapshots: PathBuf,
+    /// Origins allowed to call the API from a browser (`--cors-origin`).
+    pub(crate) cors_origins: Vec<String>,
 }
 
 impl ControlChild {
@@ -56,6 +58,9 @@ impl ControlChild {
             .arg("--parent-pid")
             .arg(std::process::id().to_string())
             .kill_on_drop(true);
+        for origin in &self.cors_origins {
+            command.arg("--cors-origin").arg(origin);
+        }
         Ok(command)
     }
 

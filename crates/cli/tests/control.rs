@@ -727,6 +727,8 @@ fn the_control_plane_stops_when_its_serve_is_killed() {
             "dev-certs",
             "--control-listen",
             &control_addr,
+            "--control-cors-origin",
+            "https://console.example.com",
         ],
         "pnp listening on http://",
     );
@@ -735,6 +737,16 @@ fn the_control_plane_stops_when_its_serve_is_killed() {
         assert!(Instant::now() < deadline, "the control plane never started");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The child got the serve's control options.
+    let listed = Command::new("pgrep")
+        .args(["-af", &format!("control --link-dir {link}")])
+        .output()
+        .expect("pgrep");
+    assert!(
+        text(&listed.stdout).contains("--cors-origin https://console.example.com"),
+        "{}",
+        text(&listed.stdout)
+    );
     serve.child.kill().expect("SIGKILL pnp serve");
     let _ = serve.child.wait();
     let killed = Instant::now();

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::{HeaderName, HeaderValue, Method};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -18,6 +19,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::freeze::FreezeRule;
 use crate::hub::{Hub, HubOptions};
@@ -43,6 +45,11 @@ pub struct ControlOptions {
     pub snapshot_dir: Option<PathBuf>,
     /// How long a command waits for the data plane's acknowledgement.
     pub ack_timeout: Duration,
+    /// Origins (`https://console.example.com`) whose pages may call the API from a browser
+    /// (gRPC-Web with CORS, credentials allowed: the browser presents the client certificate).
+    /// Empty: no CORS headers, so only a page served from the API's own origin can read
+    /// replies.
+    pub cors_origins: Vec<String>,
 }
 
 impl ControlOptions {
@@ -55,13 +62,50 @@ impl ControlOptions {
             freeze: Some(FreezeRule::default()),
             snapshot_dir: None,
             ack_timeout: Duration::from_secs(5),
+            cors_origins: Vec::new(),
         }
     }
+}
+
+/// Response headers a browser console must be able to read.
+const EXPOSED: [&str; 3] = ["grpc-status", "grpc-message", "grpc-status-details-bin"];
+
+/// CORS for `origins` (none: no layer), as the grpc-web browser-features doc asks: preflight
+/// answered, POST allowed, the requested headers echoed, the gRPC status headers exposed;
+/// credentials allowed, since the browser's client certificate is what lets a call in.
+fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, StartError> {
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let origins = origins
+        .iter()
+        .map(|origin| {
+            let trimmed = origin.trim_end_matches('/');
+            let valid = (trimmed.starts_with("https://") || trimmed.starts_with("http://"))
+                && !trimmed.contains('*');
+            valid
+                .then(|| HeaderValue::from_str(trimmed).ok())
+                .flatten()
+                .ok_or_else(|| StartError::CorsOrigin(origin.clone()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::POST, Method::OPTIONS])
+            .allow_headers(AllowHeaders::mirror_request())
+            .allow_credentials(true)
+            .expose_headers(EXPOSED.map(HeaderName::from_static))
+            .max_age(Duration::from_secs(600)),
+    ))
 }
 
 /// Why the control plane could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A CORS origin that is not `scheme://host[:port]`.
+    #[error("CORS origin `{0}`: expected an origin such as https://console.example.com")]
+    CorsOrigin(String),
     /// The TLS material.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -156,6 +200,7 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Opens the link, binds the listener and starts serving.
     pub async fn start(options: ControlOptions) -> Result<ControlPlane, StartError> {
+        let cors = cors_layer(&options.cors_origins)?;
         let tls = Arc::new(options.tls.server_config()?);
         let listener =
             TcpListener::bind(options.listen)
@@ -191,6 +236,8 @@ impl ControlPlane {
         let server = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
                 .accept_http1(true)
+                // CORS outside gRPC-Web, so a preflight is answered before it.
+                .layer(tower::util::option_layer(cors))
                 .layer(tonic_web::GrpcWebLayer::new())
                 .add_service(service)
                 .serve_with_incoming_shutdown(ReceiverStream::new(incoming), async move {
