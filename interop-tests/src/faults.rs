@@ -21,6 +21,36 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 
+/// A loopback TCP address where connections are refused: a socket bound there but not
+/// listening, held for as long as this lives, so no other test's server can take the port
+/// meanwhile (a port merely freed can be, and then a call meant to be refused reaches it).
+#[derive(Debug)]
+pub struct ClosedPort {
+    _socket: socket2::Socket,
+    addr: SocketAddr,
+}
+
+impl ClosedPort {
+    /// Bind a fresh one.
+    pub fn new() -> io::Result<ClosedPort> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+        let addr = socket
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("not an IP address"))?;
+        Ok(ClosedPort {
+            _socket: socket,
+            addr,
+        })
+    }
+
+    /// The address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
 /// The payload of the one message a fault upstream sends before it misbehaves.
 pub const FAULT_MESSAGE: &[u8] = b"fault-upstream-message";
 

@@ -74,11 +74,10 @@ async fn chromium_against_pnp() {
     })
     .await;
 
-    // A port nothing listens on: bind one, then let it go.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap_or_else(|e| panic!("finding a free port: {e}"));
-    let dead_proxy = Stack::proxy_for(upstream_url(closed), |_| {}).await;
+    // A port nothing listens on (held closed for the whole test).
+    let closed = pnp_interop_tests::faults::ClosedPort::new()
+        .unwrap_or_else(|e| panic!("a closed port: {e}"));
+    let dead_proxy = Stack::proxy_for(upstream_url(closed.addr()), |_| {}).await;
 
     let artifacts = artifacts_dir();
     let screenshot = artifacts.join("demo-mid-stream.png");

@@ -18,16 +18,18 @@ mod support;
 use std::time::{Duration, Instant};
 
 use pnp_interop_tests::admin::{sample, scrape_metrics};
+use pnp_interop_tests::faults::ClosedPort;
 use pnp_interop_tests::interop::encode;
 use pnp_interop_tests::{Mode, RawClient};
 use support::negotiation::{admin, black_hole, carried_by, edge, fell_back, unary, Peer};
 
 const BUDGET: Duration = Duration::from_millis(500);
 
-/// A loopback TCP port nothing listens on (connections to it are refused).
-fn refused_port() -> u16 {
-    let spare = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    spare.local_addr().expect("addr").port()
+/// A loopback TCP port where connections are refused, held until the guard drops.
+fn refused_port() -> (ClosedPort, u16) {
+    let closed = ClosedPort::new().expect("a closed port");
+    let port = closed.addr().port();
+    (closed, port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,7 +96,7 @@ async fn a_quic_peer_that_never_answers_is_skipped_within_the_budget_and_http2_c
 async fn a_transport_that_comes_back_is_found_by_the_background_probe() {
     let peer = Peer::start().await;
     // HTTP/1.1 first, but nothing listens on its port yet (connections are refused).
-    let port = refused_port();
+    let (hold, port) = refused_port();
     let edge = edge(
         &format!(
             r#"
@@ -115,6 +117,7 @@ async fn a_transport_that_comes_back_is_found_by_the_background_probe() {
     let upstream = pnp_demo::DemoUpstream::start(([127, 0, 0, 1], 0).into())
         .await
         .expect("demo upstream");
+    drop(hold);
     let revived = pnp_interop_tests::Stack::proxy_for(
         pnp_interop_tests::stack::upstream_url(upstream.local_addr()),
         |config| {
@@ -451,7 +454,7 @@ async fn an_operator_forces_and_forbids_a_transport_through_the_admin_endpoint()
 async fn a_browser_call_falls_back_to_http1_when_http2_is_unavailable_and_the_page_can_read_why() {
     let peer = Peer::start().await;
     // Nothing listens where HTTP/2 should be: connections are refused at once.
-    let port = refused_port();
+    let (_hold, port) = refused_port();
     let edge = edge(
         &format!(
             r#"

@@ -587,9 +587,8 @@ async fn nothing_is_retried_after_a_response_byte() {
 async fn retries_of_unprocessed_calls_are_made_and_counted() {
     // Nothing listens on this port: connect refused, provably unprocessed, retried even for a
     // non-idempotent method, and each attempt is counted in the metrics.
-    let dead = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = upstream_url(dead.local_addr().expect("addr"));
-    drop(dead);
+    let dead = pnp_interop_tests::faults::ClosedPort::new().expect("a closed port");
+    let url = upstream_url(dead.addr());
     let proxy = Stack::proxy_for(url, |c| {
         let mut fast = Profile::default();
         fast.retry.initial_backoff = Duration::from_millis(1);

@@ -463,11 +463,18 @@ profile = "chat"
 "#,
     )
     .expect("config");
-    // An upstream address nothing listens on.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
+    // An upstream address nothing listens on: bound but not listening, and held, so no other
+    // test's server can take the port meanwhile.
+    let closed_socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    closed_socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    let closed = closed_socket
         .local_addr()
-        .expect("addr");
+        .expect("addr")
+        .as_socket()
+        .expect("an IP address");
     let upstream = format!("http://{closed}");
     std::fs::create_dir_all(dir.path().join("link")).expect("link dir");
     let (_data, data_addr) = spawn_announcing(

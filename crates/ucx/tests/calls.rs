@@ -334,10 +334,18 @@ async fn a_stalled_bulk_call_does_not_starve_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_that_is_gone_is_unavailable_and_safe_to_retry() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
+    // Bound but not listening, and held: connections are refused, and no other test's server
+    // can take the port meanwhile.
+    let closed =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    closed
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    let port = closed
         .local_addr()
-        .expect("addr");
+        .expect("addr")
+        .as_socket()
+        .expect("an IP address");
     let transport = UcxTransport::new(port.to_string(), options("tcp")).expect("transport");
     let err = transport.ready().await.expect_err("nobody listens");
     assert_eq!(err.status.code, Code::Unavailable);
