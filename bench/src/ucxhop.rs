@@ -71,24 +71,9 @@ pub fn parse_source_request(text: &[u8]) -> anyhow::Result<(u64, u64)> {
     Ok((count, size))
 }
 
-/// Which way the bulk data flows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
-pub enum Direction {
-    /// Server to client: a [`SOURCE`] call.
-    Download,
-    /// Client to server: a [`SINK`] call.
-    Upload,
-}
-
-impl Direction {
-    /// Its name (`download`, `upload`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Direction::Download => "download",
-            Direction::Upload => "upload",
-        }
-    }
-}
+/// Which way the bulk data flows: download is a [`SOURCE`] call (server to client), upload a
+/// [`SINK`] call (client to server).
+pub use crate::quic::Direction;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -479,16 +464,7 @@ pub fn write(
     dir: &Path,
     suffix: &str,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(
-        dir.join(format!("ucx_hop{suffix}.json")),
-        serde_json::to_string_pretty(report)?,
-    )?;
-    std::fs::write(
-        dir.join(format!("ucx_hop{suffix}.md")),
-        markdown(report, reference),
-    )?;
-    Ok(())
+    ucxperf::write_pair(dir, "ucx_hop", suffix, report, &markdown(report, reference))
 }
 
 #[cfg(not(feature = "ucx"))]

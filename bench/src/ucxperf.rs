@@ -445,15 +445,24 @@ pub fn markdown(report: &Report) -> String {
 /// Write `ucx_perftest.json` and `ucx_perftest.md` into `dir` (with a suffix when given, e.g.
 /// `ucx_perftest-cpu1.json`).
 pub fn write(report: &Report, dir: &Path, suffix: &str) -> anyhow::Result<()> {
+    write_pair(dir, "ucx_perftest", suffix, report, &markdown(report))
+}
+
+/// Write `{stem}{suffix}.json` (the report) and `{stem}{suffix}.md` (its Markdown) into `dir`,
+/// creating it.
+pub(crate) fn write_pair(
+    dir: &Path,
+    stem: &str,
+    suffix: &str,
+    report: &impl serde::Serialize,
+    markdown: &str,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(
-        dir.join(format!("ucx_perftest{suffix}.json")),
+        dir.join(format!("{stem}{suffix}.json")),
         serde_json::to_string_pretty(report)?,
     )?;
-    std::fs::write(
-        dir.join(format!("ucx_perftest{suffix}.md")),
-        markdown(report),
-    )?;
+    std::fs::write(dir.join(format!("{stem}{suffix}.md")), markdown)?;
     Ok(())
 }
 
