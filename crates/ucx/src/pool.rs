@@ -35,38 +35,39 @@ impl BufferPool {
     /// A buffer of `len` bytes (contents unspecified: the receive overwrites them), from the
     /// pool when one fits (capacity at least `len`, at most twice it).
     pub(crate) fn take(&self, len: usize) -> Vec<u8> {
-        if len >= POOLED_FROM {
-            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(i) = free
-                .iter()
-                .position(|b| b.capacity() >= len && b.capacity() / 2 <= len)
-            {
-                let mut buf = free.swap_remove(i);
-                drop(free);
+        match self.reuse(len) {
+            Some(mut buf) => {
                 // Clears only what grows past its last length.
                 buf.resize(len, 0);
-                return buf;
+                buf
             }
+            None => vec![0; len],
         }
-        vec![0; len]
     }
 
     /// An empty buffer with room for `capacity` bytes, from the pool when one fits (to be
     /// filled with `extend_from_slice`, which writes each byte once).
     pub(crate) fn take_empty(&self, capacity: usize) -> Vec<u8> {
-        if capacity >= POOLED_FROM {
-            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(i) = free
-                .iter()
-                .position(|b| b.capacity() >= capacity && b.capacity() / 2 <= capacity)
-            {
-                let mut buf = free.swap_remove(i);
-                drop(free);
+        match self.reuse(capacity) {
+            Some(mut buf) => {
                 buf.clear();
-                return buf;
+                buf
             }
+            None => Vec::with_capacity(capacity),
         }
-        Vec::with_capacity(capacity)
+    }
+
+    /// A kept buffer for `capacity` bytes (its capacity at least that, at most twice it), if
+    /// the size is pooled and one fits; its length is whatever it had.
+    fn reuse(&self, capacity: usize) -> Option<Vec<u8>> {
+        if capacity < POOLED_FROM {
+            return None;
+        }
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let i = free
+            .iter()
+            .position(|b| b.capacity() >= capacity && b.capacity() / 2 <= capacity)?;
+        Some(free.swap_remove(i))
     }
 
     /// `buf` (filled to its length) as [`Bytes`] whose last drop brings it back here.

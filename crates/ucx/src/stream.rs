@@ -152,18 +152,7 @@ impl PartSender {
                     Err(_) => return Ok(false),
                 }
             }
-            let frame = if self.request {
-                Frame::Request {
-                    call: self.call,
-                    part: piece,
-                }
-            } else {
-                Frame::Response {
-                    call: self.call,
-                    part: piece,
-                }
-            };
-            self.frame(frame);
+            self.frame(self.data(piece));
         }
         Ok(!self.done.is_cancelled())
     }
@@ -181,19 +170,18 @@ impl PartSender {
                 Err(_) => return Err(part),
             }
         }
-        let frame = if self.request {
-            Frame::Request {
-                call: self.call,
-                part,
-            }
-        } else {
-            Frame::Response {
-                call: self.call,
-                part,
-            }
-        };
-        self.frame(frame);
+        self.frame(self.data(part));
         Ok(())
+    }
+
+    /// `part` as this call's frame in this direction.
+    fn data(&self, part: Part) -> Frame {
+        let call = self.call;
+        if self.request {
+            Frame::Request { call, part }
+        } else {
+            Frame::Response { call, part }
+        }
     }
 
     pub(crate) fn frame(&self, frame: Frame) {
