@@ -696,14 +696,57 @@ fn pnp_serve_runs_both_planes_and_pnp_ctl_reconfigures_it_live() {
     assert!(generate_ok(&data_addr));
 }
 
-/// Whether a `pnp control` with `--link-dir LINK` runs now.
-fn control_running(link: &str) -> bool {
-    Command::new("pgrep")
-        .args(["-f", &format!("control --link-dir {link}")])
-        .stdout(Stdio::null())
-        .status()
-        .expect("pgrep")
-        .success()
+/// The `pnp control` with `--link-dir LINK` that runs now: its pid and command line.
+fn control_process(link: &str) -> Option<(u32, String)> {
+    let out = Command::new("pgrep")
+        .args(["-af", &format!("control --link-dir {link}")])
+        .output()
+        .expect("pgrep");
+    let listed = text(&out.stdout);
+    let line = listed.lines().next()?;
+    let (pid, command) = line.split_once(' ')?;
+    Some((pid.parse().ok()?, command.to_owned()))
+}
+
+/// `pnp serve` with its control plane (`--link-dir LINK`, this test's own name: other tests
+/// run `pnp control` too), and `extra` arguments, in `dir`; returns once the control plane's
+/// process runs: the serve, the control API's address and the control plane's pid and
+/// command line.
+fn serve_with_control_plane(
+    dir: &Path,
+    link: &str,
+    extra: &[&str],
+) -> (Running, String, (u32, String)) {
+    let certs = pnp(dir, &["certs", "dev", "dev-certs"]);
+    assert!(certs.status.success(), "{}", text(&certs.stderr));
+    let control_addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        probe.local_addr().expect("addr").to_string()
+    };
+    let mut args = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--link-dir",
+        link,
+        "--control-certs",
+        "dev-certs",
+        "--control-listen",
+        &control_addr,
+    ];
+    args.extend_from_slice(extra);
+    let (serve, _data_addr) = spawn_announcing(dir, &args, "pnp listening on http://");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let control = loop {
+        if let Some(control) = control_process(link) {
+            break control;
+        }
+        assert!(Instant::now() < deadline, "the control plane never started");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (serve, control_addr, control)
 }
 
 /// A `pnp serve` killed outright (SIGKILL: no drop, no shutdown) takes its control plane with
@@ -712,52 +755,21 @@ fn control_running(link: &str) -> bool {
 #[test]
 fn the_control_plane_stops_when_its_serve_is_killed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let certs = pnp(dir.path(), &["certs", "dev", "dev-certs"]);
-    assert!(certs.status.success(), "{}", text(&certs.stderr));
-    let control_addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        probe.local_addr().expect("addr").to_string()
-    };
-    // The link dir's name is this test's own: other tests run `pnp control` too.
     let link = "orphan-test-link";
-    let (mut serve, _data_addr) = spawn_announcing(
+    let (mut serve, control_addr, (_, command)) = serve_with_control_plane(
         dir.path(),
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--link-dir",
-            link,
-            "--control-certs",
-            "dev-certs",
-            "--control-listen",
-            &control_addr,
-            "--control-cors-origin",
-            "https://console.example.com",
-        ],
-        "pnp listening on http://",
+        link,
+        &["--control-cors-origin", "https://console.example.com"],
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !control_running(link) {
-        assert!(Instant::now() < deadline, "the control plane never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
     // The child got the serve's control options.
-    let listed = Command::new("pgrep")
-        .args(["-af", &format!("control --link-dir {link}")])
-        .output()
-        .expect("pgrep");
     assert!(
-        text(&listed.stdout).contains("--cors-origin https://console.example.com"),
-        "{}",
-        text(&listed.stdout)
+        command.contains("--cors-origin https://console.example.com"),
+        "{command}"
     );
     serve.child.kill().expect("SIGKILL pnp serve");
     let _ = serve.child.wait();
     let killed = Instant::now();
-    while control_running(link) {
+    while control_process(link).is_some() {
         assert!(
             killed.elapsed() < Duration::from_secs(5),
             "the control plane outlived its pnp serve by 5 s"
@@ -795,48 +807,8 @@ fn cpu_seconds(pid: u32) -> f64 {
 #[cfg(target_os = "linux")]
 fn an_idle_serve_and_its_control_plane_sleep() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let certs = pnp(dir.path(), &["certs", "dev", "dev-certs"]);
-    assert!(certs.status.success(), "{}", text(&certs.stderr));
-    let control_addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        probe.local_addr().expect("addr").to_string()
-    };
-    let link = "idle-test-link";
-    let (serve, _data_addr) = spawn_announcing(
-        dir.path(),
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--link-dir",
-            link,
-            "--control-certs",
-            "dev-certs",
-            "--control-listen",
-            &control_addr,
-        ],
-        "pnp listening on http://",
-    );
-    let control_pid = {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = Command::new("pgrep")
-                .args(["-f", &format!("control --link-dir {link}")])
-                .output()
-                .expect("pgrep");
-            if let Some(pid) = text(&out.stdout)
-                .lines()
-                .next()
-                .and_then(|l| l.trim().parse().ok())
-            {
-                break pid;
-            }
-            assert!(Instant::now() < deadline, "the control plane never started");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let (serve, _control_addr, (control_pid, _)) =
+        serve_with_control_plane(dir.path(), "idle-test-link", &[]);
     // Let both planes attach and settle.
     std::thread::sleep(Duration::from_millis(1500));
     let pids = [serve.child.id(), control_pid];
