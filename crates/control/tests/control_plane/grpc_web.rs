@@ -26,23 +26,7 @@ async fn list_jobs_over_grpc_web_on_http_1_1() {
             .is_empty())
         .await
     );
-    let tls = harness
-        .client_tls(Some(harness.ca.client(CLIENT_NAME)))
-        .client_config_with_alpn(vec![b"http/1.1".to_vec()])
-        .expect("client config");
-    let tcp = TcpStream::connect(harness.addr).await.expect("tcp");
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").expect("name"),
-            tcp,
-        )
-        .await
-        .expect("tls");
-    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("http/1.1");
-    tokio::spawn(connection);
+    let mut sender = http1(&harness).await;
 
     // An empty ListJobsRequest in one gRPC frame.
     let request = http::Request::post("/pnp.control.v1.Control/ListJobs")
@@ -77,8 +61,8 @@ async fn list_jobs_over_grpc_web_on_http_1_1() {
     assert!(trailers.contains("grpc-status:0"), "{trailers}");
 }
 
-/// A TLS connection with the test client's certificate, speaking HTTP/1.1 as a browser's
-/// fetch would.
+/// A TLS connection with the test client's certificate, HTTP/1.1 agreed by ALPN, as a
+/// browser's fetch would make it.
 async fn http1(harness: &Harness) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
     let tls = harness
         .client_tls(Some(harness.ca.client(CLIENT_NAME)))
@@ -92,6 +76,7 @@ async fn http1(harness: &Harness) -> hyper::client::conn::http1::SendRequest<Ful
         )
         .await
         .expect("tls");
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .expect("http/1.1");
