@@ -22,12 +22,6 @@ use tokio::sync::{broadcast, oneshot};
 
 use crate::freeze::{FreezeLoop, FreezeRule, Trip, WindowCounts};
 
-/// The worker watches the events ring closely (1 ms waits) this long after the last command
-/// request, and while commands await their acks.
-const WATCH_AFTER_BUSY: Duration = Duration::from_millis(500);
-/// Otherwise it looks at the events ring this often: the most an idle control plane adds to
-/// an unsolicited event (a command request wakes it at once).
-const IDLE_LOOK: Duration = Duration::from_millis(10);
 /// Events read per turn before the command requests are looked at again.
 const EVENTS_PER_TURN: usize = 256;
 /// How often attachment, restarts, abandoned waiters and overdue freezes are checked.
@@ -398,7 +392,7 @@ impl Worker {
                 self.housekeeping(false);
             }
             let awaiting = !self.waiters.is_empty() || !self.internal.is_empty();
-            if !busy && (awaiting || last_busy.elapsed() < WATCH_AFTER_BUSY) {
+            if !busy && (awaiting || last_busy.elapsed() < pnp_link::WATCH_AFTER_COMMAND) {
                 // Commands in flight, or just were: wait for an event, at most 1 ms (the
                 // latency a command request can see).
                 match self.side.event_timeout(Duration::from_millis(1)) {
@@ -410,10 +404,10 @@ impl Worker {
                     }
                 }
             } else if !busy {
-                // Idle: sleep until a command request comes (at once) or IDLE_LOOK passes, then
+                // Idle: sleep until a command request comes (at once) or `IDLE_LOOK` passes, then
                 // look at the events ring again (an idle control plane used 7 % of a core
                 // polling it every millisecond).
-                match self.requests.recv_timeout(IDLE_LOOK) {
+                match self.requests.recv_timeout(pnp_link::IDLE_LOOK) {
                     Ok(request) => {
                         last_busy = Instant::now();
                         self.handle_request(request);

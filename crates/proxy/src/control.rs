@@ -38,12 +38,6 @@ pub(crate) struct Live {
 
 /// How many finished calls a job keeps for its freeze snapshot.
 const RECENT_CALLS: usize = 64;
-/// The link thread watches the commands ring closely (5 ms waits that spin first) this long
-/// after a command, and while acks are due.
-const WATCH_AFTER_COMMAND: Duration = Duration::from_millis(500);
-/// Otherwise it looks at the commands ring this often (the most an idle data plane adds to
-/// a command's round trip).
-const IDLE_LOOK: Duration = Duration::from_millis(10);
 
 const RUNNING: u8 = 0;
 const PAUSED: u8 = 1;
@@ -344,19 +338,18 @@ pub(crate) fn spawn_link(
                 std::collections::VecDeque::new();
             // When the last command came: for a while after one, and while acks are due, the
             // thread watches the commands ring closely; otherwise it sleeps on the data plane's
-            // events and looks at the ring every IDLE_LOOK (an idle pnp used 3 % of a core
-            // polling it).
+            // events and looks at the ring every `pnp_link::IDLE_LOOK`.
             let mut last_command: Option<Instant> = None;
             loop {
                 let mut incoming = Vec::new();
                 let mut first_event = None;
                 let watching = !pending.is_empty()
                     || !unsent_acks.is_empty()
-                    || last_command.is_some_and(|at| at.elapsed() < WATCH_AFTER_COMMAND);
+                    || last_command.is_some_and(|at| at.elapsed() < pnp_link::WATCH_AFTER_COMMAND);
                 let command = if watching {
                     side.command_timeout(Duration::from_millis(5))
                 } else {
-                    match events_rx.recv_timeout(IDLE_LOOK) {
+                    match events_rx.recv_timeout(pnp_link::IDLE_LOOK) {
                         Ok(event) => first_event = Some(event),
                         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                         // Seen again below, where it ends the thread.
