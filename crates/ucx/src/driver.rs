@@ -335,6 +335,8 @@ impl Driver {
             tracing::warn!(error = %e, "UCX worker has no event fd; polling every 100 ms");
         }
         let busy_poll = self.options.busy_poll;
+        // Without busy-polling (the default) no clock is read per turn.
+        let polling = !busy_poll.is_zero();
         // When something last happened; the worker is polled (not armed) until `busy_poll`
         // after it, so the next frame of a conversation is found without a wakeup.
         let mut active = std::time::Instant::now();
@@ -355,10 +357,12 @@ impl Driver {
             }
             turns = turns.wrapping_add(1);
             if worked {
-                active = std::time::Instant::now();
                 busy_arms = 0;
+                if polling {
+                    active = std::time::Instant::now();
+                }
             }
-            if worked || active.elapsed() < busy_poll {
+            if worked || (polling && active.elapsed() < busy_poll) {
                 // Let the side channels' tasks (and the reactor) run now and then.
                 if turns.is_multiple_of(YIELD_EVERY) {
                     tokio::task::yield_now().await;
@@ -401,7 +405,9 @@ impl Driver {
                 },
                 _ = tokio::time::sleep(TICK) => {}
             }
-            active = std::time::Instant::now();
+            if polling {
+                active = std::time::Instant::now();
+            }
         }
     }
 
