@@ -763,9 +763,11 @@ struct RecvGuard {
 }
 
 impl RecvGuard {
-    /// Poll a read of the reply, keeping track of whether one is pending.
-    fn poll<T>(&mut self, poll: impl FnOnce(&mut RecvHalf) -> Poll<T>) -> Poll<T> {
-        self.reading = true;
+    /// Poll `poll` (one read of the stream, perhaps one of several in a gather), recording
+    /// whether it was left pending: what counts is the last read, not what a gather of them
+    /// returned (a gather returns what it has when a later read is pending, and h3-quinn's
+    /// stream then stays with that read's future).
+    fn read<T>(&mut self, poll: impl FnOnce(&mut RecvHalf) -> Poll<T>) -> Poll<T> {
         let polled = poll(&mut self.recv);
         self.reading = polled.is_pending();
         polled
@@ -840,10 +842,10 @@ impl Stream for ReplyStream {
                 Decoded::NeedMore => {}
             }
             if !this.data_done {
-                let held = &mut this.held;
-                let gathered = ready!(this
-                    .recv
-                    .poll(|recv| gather_chunks(held, cx, |cx| recv.poll_recv_data(cx))));
+                let (held, guard) = (&mut this.held, &mut this.recv);
+                let gathered = ready!(gather_chunks(held, cx, |cx| {
+                    guard.read(|recv| recv.poll_recv_data(cx))
+                }));
                 match gathered {
                     Gathered::Data(data) => {
                         this.decoder.push(data);
@@ -856,7 +858,7 @@ impl Stream for ReplyStream {
                     }
                 }
             }
-            let status = match ready!(this.recv.poll(|recv| recv.poll_recv_trailers(cx))) {
+            let status = match ready!(this.recv.read(|recv| recv.poll_recv_trailers(cx))) {
                 Ok(Some(trailers)) => match this.decoder.finish() {
                     Err(e) => grpc::frame_error_status(&e),
                     Ok(()) => {
