@@ -18,6 +18,7 @@ use pnp_interop_tests::faults::{Fault, FaultyUpstream};
 use pnp_interop_tests::interop::*;
 use pnp_interop_tests::{Mode, RawClient, TonicMode};
 use support::bridge::{pair, BridgeStack, Hop};
+use support::misbehaving::{frame, grpc_head, h2_client, streaming_output};
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request};
 
@@ -54,6 +55,11 @@ macro_rules! per_hop {
             async fn an_upstream_that_dies_mid_stream_is_an_error_at_the_client_never_ok() {
                 cases::upstream_death(Hop::$hop).await
             }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn clients_that_stop_reading_hold_only_their_own_calls() {
+                cases::stalled_readers(Hop::$hop).await
+            }
         }
     )*};
 }
@@ -70,6 +76,139 @@ per_hop!(
 
 mod cases {
     use super::*;
+
+    /// The clients production has, through the bridge with the default clocks on. An HTTP/2
+    /// client that stops reading (window 0) holds only its own four calls: other clients'
+    /// calls in every mode are answered at once, and the stalled ones are reset at their 2 s
+    /// deadline (never a clean end), the upstream calls still sending cancelled across both
+    /// hops. An
+    /// HTTP/1.1 client that stops reading never sees OK, and its upstream call is cancelled at
+    /// its deadline.
+    pub(super) async fn stalled_readers(hop: Hop) {
+        let bridge = BridgeStack::start(hop).await;
+        let addr = bridge.addr();
+        let stats = bridge.stats();
+        let mut stalled = h2_client(addr, 0).await;
+        // Two of 32 MiB, more than the two hops' windows hold: the upstream is still sending
+        // at the deadline. Two of 2 MiB, which the hops absorb: the upstream finishes, and the
+        // edge holds the rest of the reply for a client that never reads it (over HTTP/3 the
+        // edge used to panic in h3-quinn when such a call ended, and the client's stream
+        // stayed open).
+        let large = frame(&streaming_output(128, 256 * 1024));
+        let small = frame(&streaming_output(8, 256 * 1024));
+        let started = Instant::now();
+        let mut responses = Vec::new();
+        for request in [&large, &small, &large, &small] {
+            stalled = stalled.ready().await.expect("stream slot");
+            let (response, mut body) = stalled
+                .send_request(grpc_head(addr, STREAMING_OUTPUT_CALL, Some("2S")), false)
+                .expect("send request");
+            body.send_data(request.clone(), true).expect("send body");
+            responses.push(response);
+        }
+        let mut bodies = Vec::new();
+        for response in responses {
+            let response = response.await.expect("response headers");
+            assert_eq!(response.status(), 200, "{hop:?}");
+            bodies.push(response.into_body());
+        }
+        // Let the upstream push what it can towards a client that takes none of it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for mode in RAW_MODES {
+            let asked = Instant::now();
+            let reply = RawClient::new(addr, mode)
+                .call(EMPTY_CALL, &[("grpc-timeout", "8S")], &[&[]])
+                .await;
+            assert_eq!(
+                reply.grpc_status(),
+                Some(0),
+                "{hop:?} {mode:?}: {}",
+                reply.grpc_message()
+            );
+            assert!(
+                asked.elapsed() < Duration::from_secs(4),
+                "{hop:?} {mode:?}: an unrelated call waited {:?} behind the stalled streams",
+                asked.elapsed()
+            );
+        }
+        for mut body in bodies {
+            let ended = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match body.data().await {
+                        Some(Ok(_)) => continue,
+                        Some(Err(_)) => return,
+                        None => {
+                            panic!("{hop:?}: a stalled stream ended cleanly; it should be reset")
+                        }
+                    }
+                }
+            })
+            .await;
+            assert!(
+                ended.is_ok(),
+                "{hop:?}: a stalled stream was still open {:?} after it started (deadline 2 s)",
+                started.elapsed()
+            );
+        }
+        let ended = started.elapsed();
+        assert!(
+            (Duration::from_millis(1_900)..Duration::from_millis(3_500)).contains(&ended),
+            "{hop:?}: stalled streams were reset {ended:?} after they started (deadline 2 s)"
+        );
+        assert!(
+            stats.wait_cancelled(2, Duration::from_secs(5)).await,
+            "{hop:?}: the upstream calls of the large stalled streams were not cancelled: {stats:?}"
+        );
+        let cancelled = stats.calls_cancelled();
+
+        // HTTP/1.1: a client with a small receive buffer that reads nothing until well after
+        // its 1 s deadline.
+        let tcp = tokio::net::TcpSocket::new_v4().expect("socket");
+        tcp.set_recv_buffer_size(16 * 1024).expect("rcvbuf");
+        let mut tcp = tcp.connect(addr).await.expect("connect");
+        let body = frame(&streaming_output(512, 64 * 1024 - 16));
+        let head = format!(
+            "POST {STREAMING_OUTPUT_CALL} HTTP/1.1\r\nhost: pnp\r\ncontent-type: application/grpc-web+proto\r\nx-grpc-web: 1\r\ngrpc-timeout: 1S\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tcp.write_all(head.as_bytes()).await.expect("head");
+        tcp.write_all(&body).await.expect("body");
+        assert!(
+            stats
+                .wait_cancelled(cancelled + 1, Duration::from_secs(5))
+                .await,
+            "{hop:?}: the HTTP/1.1 reader's upstream call was not cancelled at its deadline"
+        );
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let mut received = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let read = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let n = tcp.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                received.extend_from_slice(&buf[..n]);
+                if received.ends_with(b"\r\n0\r\n\r\n") {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "{hop:?}: neither a status nor a close");
+        let text = String::from_utf8_lossy(&received);
+        assert!(
+            !text.contains("grpc-status:0"),
+            "{hop:?}: a stream cut by its deadline must not end OK"
+        );
+        assert!(
+            received.len() < 16 << 20,
+            "{hop:?}: all {} bytes arrived; the stall never happened",
+            received.len()
+        );
+        bridge.shutdown().await;
+    }
 
     const TONIC_MODES: [TonicMode; 3] = [TonicMode::Native, TonicMode::WebH1, TonicMode::WebH2];
     const RAW_MODES: [Mode; 3] = [Mode::WebTextH1, Mode::WebBinaryH2, Mode::GrpcH2];

@@ -10,11 +10,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use h2::Reason;
-use http::Request;
 use pnp_config::{FirstMessage, Profile};
-use pnp_demo::pb::grpc_testing::{ResponseParameters, StreamingOutputCallRequest};
 use pnp_demo::pb::llm::GenerateRequest;
 use pnp_interop_tests::admin::{sample, scrape_metrics};
 use pnp_interop_tests::faults::{Fault, FaultyUpstream};
@@ -25,55 +23,12 @@ use tokio::net::TcpStream;
 
 mod support;
 
+use support::misbehaving::{frame, grpc_head, h2_client, streaming_output};
+
 const OK: i32 = 0;
 const DEADLINE_EXCEEDED: i32 = 4;
 const RESOURCE_EXHAUSTED: i32 = 8;
 const UNAVAILABLE: i32 = 14;
-
-/// A gRPC frame around `message`.
-fn frame(message: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(5 + message.len());
-    out.put_u8(0);
-    out.put_u32(u32::try_from(message.len()).expect("small message"));
-    out.put_slice(message);
-    out.freeze()
-}
-
-/// `count` responses of `size` bytes each.
-fn streaming_output(count: usize, size: i32) -> Vec<u8> {
-    encode(&StreamingOutputCallRequest {
-        response_parameters: (0..count)
-            .map(|_| ResponseParameters {
-                size,
-                ..ResponseParameters::default()
-            })
-            .collect(),
-        ..StreamingOutputCallRequest::default()
-    })
-}
-
-/// A native gRPC request head for the raw h2 client.
-fn grpc_head(addr: SocketAddr, path: &str, timeout: Option<&str>) -> Request<()> {
-    let mut builder = Request::post(format!("http://{addr}{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers");
-    if let Some(timeout) = timeout {
-        builder = builder.header("grpc-timeout", timeout);
-    }
-    builder.body(()).expect("request head")
-}
-
-/// A raw HTTP/2 client whose streams get `window` bytes of receive window.
-async fn h2_client(addr: SocketAddr, window: u32) -> h2::client::SendRequest<Bytes> {
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let (send, connection) = h2::client::Builder::new()
-        .initial_window_size(window)
-        .handshake(tcp)
-        .await
-        .expect("h2 handshake");
-    tokio::spawn(connection);
-    send
-}
 
 async fn metrics(stack: &Stack) -> String {
     scrape_metrics(stack.proxy.admin_addr().expect("admin listener")).await

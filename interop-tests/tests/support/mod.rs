@@ -9,6 +9,7 @@
 pub mod bridge;
 pub mod bulk;
 pub mod h3;
+pub mod misbehaving;
 pub mod negotiation;
 pub mod netns;
 
